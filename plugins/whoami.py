@@ -1,0 +1,36 @@
+"""whoami: answer every query with the client's address, port and transport.
+
+Syntax::
+
+    whoami
+
+The reply is authoritative, has an empty answer section, and carries in the additional
+section an A (IPv4 client) or AAAA (IPv6 client) record for the query name holding the
+client's address, and an SRV record ``_udp.<qname>`` (or ``_tcp.``) whose port is the
+client's source port. TTLs are 0. This is CoreDNS's whoami, byte for byte in meaning.
+"""
+
+from __future__ import annotations
+
+from dnslib import AAAA, QTYPE, RR, SRV, A
+
+from resolver.plugin import Handler, Plugin
+from resolver.reply import Reply
+from resolver.request import Request
+
+
+class Whoami(Plugin):
+    name = "whoami"
+
+    async def serve(self, req: Request, next: Handler) -> Reply | None:
+        reply = req.reply(authoritative=True)
+        qname = req.qname
+        if req.family == 1:
+            address = RR(qname, QTYPE.A, req.qclass, 0, A(req.remote_ip))
+        else:
+            address = RR(qname, QTYPE.AAAA, req.qclass, 0, AAAA(req.remote_ip))
+        srv_name = f"_{req.transport}{'' if qname == '.' else '.'}{qname}"
+        service = RR(srv_name, QTYPE.SRV, req.qclass, 0, SRV(0, 0, req.remote_port, "."))
+        # Keep the OPT record (if any) last, where resolvers expect it.
+        reply.ar[0:0] = [address, service]
+        return self.answer(reply)

@@ -1,0 +1,175 @@
+"""Command line: CoreDNS's flags, startup, signals and reloads.
+
+    resolver [-conf FILE|stdin] [-dns.port N] [-plugins] [-version] [-quiet] [-pidfile FILE]
+
+Flags take one dash, as in CoreDNS (two work as well). Without ``-conf`` the server reads
+``./Corefile``. A Corefile problem prints one ``file:line: problem`` line on stderr and
+exits 1; SIGTERM or SIGINT shut down gracefully and exit 0; SIGUSR1 reloads the Corefile,
+keeping the running configuration if the new one does not load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import signal
+import sys
+from pathlib import Path
+from typing import TextIO
+
+from resolver import __version__, logs
+from resolver.config import DEFAULT_PORT, Config, load
+from resolver.corefile import CorefileError
+from resolver.plugin import Registry
+from resolver.server import ListenError, Server
+
+log = logs.core_logger()
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="resolver",
+        description="A CoreDNS-compatible caching DNS server configured by a Corefile.",
+    )
+
+    def flag(name: str, **kwargs: object) -> None:
+        parser.add_argument(f"-{name}", f"--{name}", **kwargs)  # type: ignore[arg-type]
+
+    flag("conf", metavar="FILE", default=None, help='Corefile to load, or "stdin" (default: ./Corefile)')
+    flag("dns.port", dest="port", metavar="PORT", type=int, default=DEFAULT_PORT, help="default port (default: 53)")
+    flag("plugins", action="store_true", help="list the plugins in execution order and exit")
+    flag("version", action="store_true", help="show the version and exit")
+    flag("quiet", action="store_true", help="no initialization output")
+    flag("pidfile", metavar="FILE", default=None, help="write the process ID to FILE")
+    return parser.parse_args(argv)
+
+
+def read_corefile(conf: str | None, stdin: TextIO) -> tuple[str, str]:
+    """The Corefile's text and the name errors should use for it."""
+    if conf == "stdin":
+        return stdin.read(), "stdin"
+    path = conf or "Corefile"
+    try:
+        return Path(path).read_text(encoding="utf-8"), path
+    except OSError as exc:
+        raise CorefileError(path, 0, f"cannot read Corefile: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise CorefileError(path, 0, "the Corefile is not UTF-8 text") from None
+
+
+def version_text() -> str:
+    return (
+        f"corefile-resolver-{__version__}\n"
+        f"{platform.system().lower()}/{platform.machine()}, python {platform.python_version()}{_loop_name()}"
+    )
+
+
+def _loop_name() -> str:
+    try:
+        import uvloop
+    except ImportError:
+        return ", asyncio"
+    return f", uvloop {uvloop.__version__}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.version:
+        print(version_text())
+        return 0
+    registry = Registry.default()
+    if args.plugins:
+        print("Plugins, in execution order:")
+        for name in registry.order:
+            print(f"  {name}")
+        return 0
+    logs.configure()
+    try:
+        text, file = read_corefile(args.conf, sys.stdin)
+        config = load(text, file, registry, args.port, directory=_directory_of(file))
+    except CorefileError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    return _run(lambda: serve(config, args, registry))
+
+
+def _directory_of(file: str) -> Path:
+    return Path.cwd() if file == "stdin" else Path(file).resolve().parent
+
+
+def _run(entry: object) -> int:
+    try:
+        import uvloop
+    except ImportError:
+        loop_factory = None
+    else:
+        loop_factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(entry())  # type: ignore[operator]
+
+
+async def serve(config: Config, args: argparse.Namespace, registry: Registry) -> int:
+    """Serve until SIGTERM/SIGINT; return the exit status."""
+    server = Server()
+    try:
+        await server.apply(config)
+    except (ListenError, CorefileError, OSError) as exc:
+        print(f"{config.file}: {exc}" if isinstance(exc, ListenError) else str(exc), file=sys.stderr)
+        return 1
+    if not args.quiet:
+        _print_banner(server, config)
+    if args.pidfile:
+        Path(args.pidfile).write_text(f"{os.getpid()}\n")
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    received: list[str] = []
+
+    def on_stop(signame: str) -> None:
+        received.append(signame)
+        stop.set()
+
+    reloading: set[asyncio.Task[None]] = set()
+
+    def on_reload() -> None:
+        log.info("SIGUSR1: Reloading")
+        task = loop.create_task(reload(server, args, registry))
+        reloading.add(task)
+        task.add_done_callback(reloading.discard)
+
+    loop.add_signal_handler(signal.SIGTERM, on_stop, "SIGTERM")
+    loop.add_signal_handler(signal.SIGINT, on_stop, "SIGINT")
+    loop.add_signal_handler(signal.SIGUSR1, on_reload)
+    try:
+        await stop.wait()
+        log.info("%s: Shutting down servers then terminating", received[0] if received else "SIGTERM")
+        await server.shutdown()
+    finally:
+        if args.pidfile:
+            Path(args.pidfile).unlink(missing_ok=True)
+    return 0
+
+
+async def reload(server: Server, args: argparse.Namespace, registry: Registry) -> bool:
+    """Load the Corefile again and serve it; on any failure keep the running config."""
+    if args.conf == "stdin":
+        log.error("cannot reload a Corefile read from stdin; keeping the running configuration")
+        return False
+    try:
+        text, file = read_corefile(args.conf, sys.stdin)
+        config = load(text, file, registry, args.port, directory=_directory_of(file))
+        await server.apply(config)
+    except (CorefileError, ListenError, OSError) as exc:
+        server.stats.reloads_failed += 1
+        log.error("reload failed, keeping the running configuration: %s", exc)
+        return False
+    return True
+
+
+def _print_banner(server: Server, config: Config) -> None:
+    for block in config.blocks:
+        for key in block.keys:
+            port = server.port(key.port) if key.port == 0 else key.port
+            print(f"{key.zone}:{port}")
+    print(version_text(), flush=True)

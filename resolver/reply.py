@@ -1,0 +1,68 @@
+"""The reply a plugin hands back up the chain.
+
+A reply is either a dnslib message (built on the slow path) or finished wire bytes (the
+cache's stored answer with the client's ID patched in). Both forms are available on
+demand and each is produced at most once, so observers up the chain (metrics, logging,
+the cache storing a fresh answer) can look at whichever form is cheap for them.
+
+A plugin that wants the server to send nothing at all (acl's ``drop``) returns ``None``
+instead of a ``Reply``.
+"""
+
+from __future__ import annotations
+
+from dnslib import DNSRecord
+
+from resolver import wire
+
+
+class Reply:
+    """A response on its way back to the client, with who wrote it and why."""
+
+    __slots__ = ("_message", "_wire", "error", "plugin")
+
+    def __init__(
+        self,
+        message: DNSRecord | None = None,
+        *,
+        wire: bytes | None = None,
+        plugin: str = "",
+        error: str | None = None,
+    ) -> None:
+        if message is None and wire is None:
+            raise ValueError("a Reply needs a message or wire bytes")
+        self._message = message
+        self._wire = wire
+        self.plugin = plugin  # the ``plugin`` label of coredns_dns_responses_total
+        self.error = error  # what went wrong, for the errors plugin; None on success
+
+    @property
+    def wire(self) -> bytes:
+        if self._wire is None:
+            assert self._message is not None
+            self._wire = bytes(self._message.pack())
+        return self._wire
+
+    @property
+    def message(self) -> DNSRecord:
+        if self._message is None:
+            assert self._wire is not None
+            self._message = DNSRecord.parse(self._wire)
+        return self._message
+
+    @property
+    def rcode(self) -> int:
+        """The full RCODE, extended bits from OPT included when known cheaply."""
+        if self._message is not None:
+            return self._message.header.rcode | (_ext_rcode(self._message) << 4)
+        return wire.rcode_of(self.wire)
+
+    def __repr__(self) -> str:
+        return f"<Reply rcode={self.rcode} plugin={self.plugin!r} error={self.error!r}>"
+
+
+def _ext_rcode(message: DNSRecord) -> int:
+    for record in message.ar:
+        if record.rtype == wire.TYPE_OPT:
+            return (record.ttl >> 24) & 0xFF
+    return 0

@@ -1,0 +1,558 @@
+"""UDP and TCP listeners, zone routing, running the plugin chain, and writing replies.
+
+The per-query path, in order:
+
+1. ``Listener.handle`` checks the header and parses question and EDNS from raw bytes
+   (``resolver.wire``): short packets and responses are dropped and counted, other
+   opcodes get NOTIMP, malformed bodies FORMERR, EDNS versions above 0 BADVERS.
+2. The query name picks the server block with the longest matching zone; no zone, REFUSED.
+3. ``Server.run`` starts the block's chain coroutine by hand. A chain that never waits
+   (a cache hit, whoami) finishes inside that first step and is answered at once, with no
+   asyncio Task created; only a chain that suspends (forwarding, a delay) gets a Task.
+4. ``Server.deliver`` patches the ID, truncates at a record boundary for the client's
+   UDP size (setting TC), and writes.
+
+Nothing a client sends can raise out of ``datagram_received``/``data_received``: a
+plugin's exception becomes SERVFAIL and is counted as a panic, as CoreDNS recovers them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Generator
+from dataclasses import dataclass
+from typing import Any
+
+from dnslib import DNSError
+
+from resolver import wire
+from resolver.config import WILDCARD_HOSTS, Config, ServerBlock
+from resolver.logs import core_logger
+from resolver.reply import Reply
+from resolver.request import TCP, UDP, Request
+
+log = core_logger()
+
+SendTo = Callable[[bytes, Any], None]
+
+DEFAULT_TCP_IDLE_TIMEOUT = 10.0  # seconds a TCP connection may sit with nothing to do
+DEFAULT_MAX_TCP_CONNECTIONS = 1024
+DEFAULT_SHUTDOWN_GRACE = 5.0  # seconds in-flight queries get to finish on shutdown
+MAX_TCP_PIPELINE = 256  # queries in flight per connection before we stop reading it
+
+
+class ListenError(Exception):
+    """A listening socket could not be opened; the message names address and reason."""
+
+
+@dataclass
+class Stats:
+    """Counters for packets that never reach a plugin (exported by the metrics plugin)."""
+
+    dropped_short: int = 0  # shorter than a DNS header
+    dropped_responses: int = 0  # QR set: never answer an answer (reflection loops)
+    formerr: int = 0
+    notimp: int = 0
+    refused: int = 0  # no server block serves the zone
+    panics: int = 0  # a plugin raised
+    tcp_rejected: int = 0  # connections over the cap
+    reloads_failed: int = 0
+
+
+class Router:
+    """Finds the server block whose zone is the longest suffix of a query name."""
+
+    __slots__ = ("only", "zones")
+
+    def __init__(self, zones: dict[str, ServerBlock]) -> None:
+        self.zones = zones
+        # The common case (one block for "."): routing needs no query name at all.
+        self.only = zones["."] if len(zones) == 1 and "." in zones else None
+
+    def match(self, name: str) -> tuple[str, ServerBlock] | None:
+        zones = self.zones
+        while True:
+            block = zones.get(name)
+            if block is not None:
+                return name, block
+            if name == ".":
+                return None
+            dot = name.find(".")
+            name = name[dot + 1 :] or "."
+
+
+class _Resumed:
+    """Awaitable that carries on a coroutine which already ran to its first suspension.
+
+    ``Server.run`` steps the chain coroutine once by hand so that chains which never
+    wait cost no Task. When it does suspend, this object hands the future it is waiting
+    on to a Task and passes every later resumption (value or exception, cancellation
+    included) straight through, exactly as if the Task had run it from the start.
+    """
+
+    __slots__ = ("coro", "pending")
+
+    def __init__(self, coro: Coroutine[Any, Any, Any], pending: Any) -> None:
+        self.coro = coro
+        self.pending = pending
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        coro, pending = self.coro, self.pending
+        while True:
+            try:
+                sent = yield pending
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as exc:
+                try:
+                    pending = coro.throw(exc)
+                except StopIteration as stop:
+                    return stop.value
+            else:
+                try:
+                    pending = coro.send(sent)
+                except StopIteration as stop:
+                    return stop.value
+
+
+class Listener:
+    """The UDP socket(s) and TCP server for one (address, port), routing to blocks."""
+
+    def __init__(self, server: Server, host: str, port: int, router: Router) -> None:
+        self.server = server
+        self.host = host
+        self.port = port  # the port asked for; 0 means "pick one" (tests)
+        self.bound_port = port
+        self.router = router
+        self.closing = False
+        self.label = f"dns://{'' if host in WILDCARD_HOSTS else host}:{port}"
+        self.udp: asyncio.DatagramTransport | None = None
+        self.tcp: asyncio.Server | None = None
+        self.connections: set[TCPConnection] = set()
+
+    def __repr__(self) -> str:
+        return f"<Listener {self.host}:{self.bound_port}>"
+
+    async def open(self, port: int) -> None:
+        """Bind UDP and TCP on ``port`` (the same number for both)."""
+        loop = asyncio.get_running_loop()
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        try:
+            udp_socket = _bind_socket(family, socket.SOCK_DGRAM, self.host, port)
+            port = udp_socket.getsockname()[1]
+            tcp_socket = _bind_socket(family, socket.SOCK_STREAM, self.host, port)
+        except OSError as exc:
+            raise ListenError(f"cannot listen on {_hostport(self.host, port)}: {exc.strerror or exc}") from None
+        transport, _ = await loop.create_datagram_endpoint(lambda: UDPProtocol(self), sock=udp_socket)
+        self.udp = transport  # type: ignore[assignment]
+        self.tcp = await loop.create_server(lambda: TCPConnection(self), sock=tcp_socket, backlog=1024)
+        self.bound_port = port
+        self.label = f"dns://{'' if self.host in WILDCARD_HOSTS else self.host}:{self.port}"
+
+    def handle(self, data: bytes, client: Any, transport: str, send: SendTo) -> asyncio.Task[None] | None:
+        """Answer one raw query; returns the Task when the chain had to wait."""
+        stats = self.server.stats
+        if len(data) < wire.HEADER_SIZE:
+            stats.dropped_short += 1
+            return None
+        flags = data[2]
+        if flags & 0x80:
+            stats.dropped_responses += 1
+            return None
+        if flags & 0x78:  # opcode other than QUERY
+            stats.notimp += 1
+            send(self._rejection(data, wire.NOTIMP), client)
+            return None
+        if data[4] or data[5] != 1:  # QDCOUNT must be 1
+            stats.formerr += 1
+            send(wire.error_reply(data, wire.FORMERR), client)
+            return None
+        try:
+            question = wire.parse_question(data)
+        except (wire.WireError, IndexError):
+            stats.formerr += 1
+            send(self._rejection(data, wire.FORMERR), client)
+            return None
+        if question.edns_version:
+            send(wire.error_reply(data, wire.BADVERS, question.end, True, question.do), client)
+            return None
+        router = self.router
+        block = router.only
+        if block is not None:
+            req = Request(data, question, client, transport, self.label, ".")
+        else:
+            qname = wire.name_text(data)
+            found = router.match(qname)
+            if found is None:
+                stats.refused += 1
+                send(wire.error_reply(data, wire.REFUSED, question.end, question.edns, question.do), client)
+                return None
+            zone, block = found
+            req = Request(data, question, client, transport, self.label, zone, qname)
+        return self.server.run(block, req, send)
+
+    @staticmethod
+    def _rejection(data: bytes, rcode: int) -> bytes:
+        """An error reply that echoes the question when it can be parsed."""
+        try:
+            question = wire.parse_question(data)
+        except (wire.WireError, IndexError):
+            return wire.error_reply(data, rcode)
+        return wire.error_reply(data, rcode, question.end, question.edns, question.do)
+
+    def stop_accepting(self) -> None:
+        self.closing = True
+        if self.tcp is not None:
+            self.tcp.close()
+        for connection in list(self.connections):
+            connection.drain_and_close()
+
+    def close(self) -> None:
+        self.stop_accepting()
+        if self.udp is not None:
+            self.udp.close()
+        for connection in list(self.connections):
+            connection.abort()
+
+
+class UDPProtocol(asyncio.DatagramProtocol):
+    """One UDP socket: every datagram is a query, every reply one sendto."""
+
+    def __init__(self, listener: Listener) -> None:
+        self.listener = listener
+        self.sendto: SendTo = lambda data, addr: None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.sendto = transport.sendto  # type: ignore[attr-defined]
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        listener = self.listener
+        if listener.closing:
+            return
+        try:
+            listener.handle(data, addr, UDP, self.sendto)
+        except Exception:
+            listener.server.stats.panics += 1
+            log.exception("unexpected error handling a UDP query from %s", addr)
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP errors for earlier replies (client port closed): nothing to do.
+        log.debug("UDP error on %s: %s", self.listener, exc)
+
+
+class TCPConnection(asyncio.Protocol):
+    """One TCP client: length-prefixed queries, pipelined, answered as they finish.
+
+    Queries answered without waiting while one read is processed are written back
+    together in a single ``write`` (a pipelining client sends many per segment).
+    """
+
+    def __init__(self, listener: Listener) -> None:
+        self.listener = listener
+        self.transport: asyncio.Transport | None = None
+        self.peer: Any = None
+        self.buffer = bytearray()
+        self.batch: list[bytes] | None = None
+        self.in_flight = 0
+        self.paused = False
+        self.draining = False
+        self.last_activity = 0.0
+        self.idle_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        listener = self.listener
+        server = listener.server
+        if listener.closing or len(listener.connections) >= server.max_tcp_connections:
+            server.stats.tcp_rejected += 1
+            transport.close()
+            return
+        listener.connections.add(self)
+        self.peer = transport.get_extra_info("peername")
+        self.last_activity = time.monotonic()
+        self.idle_timer = asyncio.get_running_loop().call_later(server.tcp_idle_timeout, self._check_idle)
+
+    def data_received(self, data: bytes) -> None:
+        if self.draining:
+            return
+        self.last_activity = time.monotonic()
+        buffer = self.buffer
+        buffer += data
+        self.batch = []
+        try:
+            while len(buffer) >= 2:
+                size = (buffer[0] << 8) | buffer[1]
+                if size == 0:
+                    self.drain_and_close()
+                    break
+                if len(buffer) < 2 + size:
+                    break
+                message = bytes(buffer[2 : 2 + size])
+                del buffer[: 2 + size]
+                self._dispatch(message)
+        finally:
+            batch, self.batch = self.batch, None
+            if batch and self.transport is not None:
+                self.transport.write(b"".join(batch))
+        if self.in_flight >= MAX_TCP_PIPELINE and not self.paused and self.transport is not None:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def _dispatch(self, message: bytes) -> None:
+        try:
+            task = self.listener.handle(message, self.peer, TCP, self.send)
+        except Exception:
+            self.listener.server.stats.panics += 1
+            log.exception("unexpected error handling a TCP query from %s", self.peer)
+            return
+        if task is not None:
+            self.in_flight += 1
+            task.add_done_callback(self._query_done)
+
+    def send(self, data: bytes, _client: Any) -> None:
+        frame = len(data).to_bytes(2, "big") + data
+        if self.batch is not None:
+            self.batch.append(frame)
+        elif self.transport is not None and not self.transport.is_closing():
+            self.transport.write(frame)
+
+    def _query_done(self, _task: asyncio.Task[None]) -> None:
+        self.in_flight -= 1
+        self.last_activity = time.monotonic()
+        if self.paused and self.in_flight < MAX_TCP_PIPELINE // 2 and self.transport is not None:
+            self.paused = False
+            self.transport.resume_reading()
+        if self.draining and self.in_flight == 0 and self.transport is not None:
+            self.transport.close()
+
+    def _check_idle(self) -> None:
+        timeout = self.listener.server.tcp_idle_timeout
+        idle_for = time.monotonic() - self.last_activity
+        if self.in_flight == 0 and idle_for >= timeout:
+            if self.transport is not None:
+                self.transport.close()
+            return
+        self.idle_timer = asyncio.get_running_loop().call_later(max(timeout - idle_for, 0.05), self._check_idle)
+
+    def drain_and_close(self) -> None:
+        """Stop reading; close once the queries already read have been answered."""
+        self.draining = True
+        if self.transport is None:
+            return
+        if self.in_flight == 0:
+            self.transport.close()
+        elif not self.paused:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.listener.connections.discard(self)
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+        self.transport = None
+
+
+class Server:
+    """Owns the listeners and the running configuration; reloads swap it atomically."""
+
+    def __init__(
+        self,
+        *,
+        tcp_idle_timeout: float = DEFAULT_TCP_IDLE_TIMEOUT,
+        max_tcp_connections: int = DEFAULT_MAX_TCP_CONNECTIONS,
+        shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE,
+    ) -> None:
+        self.tcp_idle_timeout = tcp_idle_timeout
+        self.max_tcp_connections = max_tcp_connections
+        self.shutdown_grace = shutdown_grace
+        self.stats = Stats()
+        self.config: Config | None = None
+        self.listeners: dict[tuple[str, int], Listener] = {}
+        self.in_flight: set[asyncio.Task[None]] = set()
+        self.stopped = asyncio.Event()
+        #: Called after every successful (re)configuration; plugins such as loop hook in.
+        self.on_configured: list[Callable[[Config], Awaitable[None]]] = []
+
+    # -- running queries -------------------------------------------------------------
+
+    def run(self, block: ServerBlock, req: Request, send: SendTo) -> asyncio.Task[None] | None:
+        """Run ``block``'s chain for ``req``; answer now if it never waits."""
+        coro = block.handler(req)
+        try:
+            pending = coro.send(None)
+        except StopIteration as done:
+            self.deliver(req, done.value, send)
+            return None
+        except Exception as exc:
+            self.deliver(req, self.failed(req, exc), send)
+            return None
+        task = asyncio.get_running_loop().create_task(self._finish(coro, pending, req, send))
+        self.in_flight.add(task)
+        task.add_done_callback(self.in_flight.discard)
+        return task
+
+    async def _finish(self, coro: Coroutine[Any, Any, Reply | None], pending: Any, req: Request, send: SendTo) -> None:
+        try:
+            reply = await _Resumed(coro, pending)
+        except asyncio.CancelledError:
+            return  # shut down past the grace period: the client will retry elsewhere
+        except Exception as exc:
+            reply = self.failed(req, exc)
+        self.deliver(req, reply, send)
+
+    def failed(self, req: Request, exc: Exception) -> Reply:
+        """The reply for a chain that raised: FORMERR for unparseable input, else SERVFAIL."""
+        if isinstance(exc, DNSError):
+            self.stats.formerr += 1
+            return Reply(wire=wire.error_reply(req.wire, wire.FORMERR, req.question.end), error=str(exc))
+        self.stats.panics += 1
+        log.error("Recovered from panic in server: %r for %r", exc, req, exc_info=exc)
+        return Reply(
+            wire=wire.error_reply(req.wire, wire.SERVFAIL, req.question.end, req.edns, req.do),
+            error=f"panic: {exc!r}",
+        )
+
+    @staticmethod
+    def deliver(req: Request, reply: Reply | None, send: SendTo) -> None:
+        if reply is None:
+            return  # a plugin chose to send nothing (acl drop)
+        data = reply.wire
+        query = req.wire
+        if data[0] != query[0] or data[1] != query[1]:
+            data = query[:2] + data[2:]
+        limit = req.question.udp_size if req.transport == UDP else wire.MAX_TCP_MESSAGE
+        if len(data) > limit:
+            data = wire.truncate(data, limit)
+        send(data, req.client)
+
+    # -- configuration and lifecycle ---------------------------------------------------
+
+    async def apply(self, config: Config) -> None:
+        """Serve ``config``: open new listeners, start its plugins, swap, retire the old.
+
+        If anything fails before the swap, what was opened or started is undone and the
+        previous configuration keeps serving untouched; the error propagates.
+        """
+        routes = config.routes()
+        opened: list[Listener] = []
+        started: list[Any] = []
+        try:
+            await self._open_listeners(routes, opened)
+            for plugin in config.plugins():
+                await plugin.start()
+                started.append(plugin)
+        except BaseException:
+            for plugin in reversed(started):
+                await _quietly(plugin.stop())
+            for listener in opened:
+                listener.close()
+                del self.listeners[(listener.host, listener.port)]
+            raise
+        # The swap: plain assignments with no await between them, so every query sees
+        # either the old configuration or the new one, never a mix.
+        for key, listener in self.listeners.items():
+            if key in routes:
+                listener.router = Router(routes[key])
+        old, self.config = self.config, config
+        for key in [key for key in self.listeners if key not in routes]:
+            self.listeners.pop(key).stop_accepting()
+        if old is not None:
+            for plugin in old.plugins():
+                await _quietly(plugin.stop())
+        for hook in self.on_configured:
+            await hook(config)
+
+    async def _open_listeners(
+        self, routes: dict[tuple[str, int], dict[str, ServerBlock]], opened: list[Listener]
+    ) -> None:
+        chosen: dict[int, int] = {}  # port 0 -> the port the kernel picked, shared by all hosts
+        for (host, port), zones in routes.items():
+            if (host, port) in self.listeners:
+                continue
+            listener = Listener(self, host, port, Router(zones))
+            try:
+                await listener.open(chosen.get(port, port))
+            except ListenError:
+                if host == "::" and _ipv6_unavailable():
+                    log.warning("IPv6 is not available: listening on IPv4 only for port %d", port)
+                    continue
+                raise
+            chosen.setdefault(port, listener.bound_port)
+            self.listeners[(host, port)] = listener
+            opened.append(listener)
+
+    def port(self, configured: int = 0) -> int:
+        """The port actually bound for a configured port (useful with port 0)."""
+        for (_host, port), listener in self.listeners.items():
+            if port == configured:
+                return listener.bound_port
+        raise KeyError(configured)
+
+    async def shutdown(self) -> None:
+        """Stop accepting, let in-flight queries finish within the grace period, stop plugins."""
+        for listener in self.listeners.values():
+            listener.stop_accepting()
+        if self.in_flight:
+            _done, pending = await asyncio.wait(set(self.in_flight), timeout=self.shutdown_grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                log.warning("shutdown: %d queries still unanswered after %.1fs", len(pending), self.shutdown_grace)
+                await asyncio.wait(pending, timeout=1.0)
+        for listener in self.listeners.values():
+            listener.close()
+        self.listeners.clear()
+        if self.config is not None:
+            for plugin in self.config.plugins():
+                await _quietly(plugin.stop())
+        self.stopped.set()
+
+
+async def _quietly(stopping: Awaitable[None]) -> None:
+    try:
+        await stopping
+    except Exception:
+        log.exception("error while stopping a plugin")
+
+
+def _bind_socket(family: socket.AddressFamily, kind: socket.SocketKind, host: str, port: int) -> socket.socket:
+    sock = socket.socket(family, kind)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            # The wildcard pair 0.0.0.0 + :: needs the IPv6 socket to stay IPv6-only.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, port))
+        if kind == socket.SOCK_STREAM:
+            sock.listen(1024)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _ipv6_unavailable() -> bool:
+    try:
+        probe = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    except OSError:
+        return True
+    try:
+        probe.bind(("::1", 0))
+    except OSError as exc:
+        return exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT)
+    finally:
+        probe.close()
+    return False
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
