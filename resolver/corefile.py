@@ -239,10 +239,11 @@ def _is_snippet_name(text: str) -> bool:
 
 
 def _display_path(path: str) -> str:
-    try:
-        return os.path.relpath(path)
-    except ValueError:
-        return path
+    """How error messages name an imported file: relative to the working directory when
+    it lies below it, else absolute (never a confusing ``../../`` path)."""
+    absolute = os.path.abspath(path)
+    relative = os.path.relpath(absolute)
+    return absolute if relative.startswith("..") else relative
 
 
 def _matching_brace(tokens: list[Token], open_index: int) -> int:

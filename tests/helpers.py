@@ -1,0 +1,88 @@
+"""Test helpers: a handle on a running server, raw DNS clients, waiting on conditions.
+
+Every address used here is loopback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from collections.abc import Callable
+from typing import Any
+
+import dns.asyncquery
+import dns.message
+import dns.rdatatype
+
+from resolver.plugin import Registry
+from resolver.server import Server
+from tests.testplugins import ORDER as TEST_ORDER
+
+LOOPBACK = "127.0.0.1"
+TEST_REGISTRY = Registry(TEST_ORDER, "tests.testplugins")
+
+
+class Running:
+    """A started server and the port its ``.:0`` blocks got."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.port = server.port(0)
+
+    async def udp(self, name: str, rdtype: str = "A", **query_options: Any) -> dns.message.Message:
+        query = dns.message.make_query(name, rdtype, **query_options)
+        return await dns.asyncquery.udp(query, LOOPBACK, port=self.port, timeout=3)
+
+    async def tcp(self, name: str, rdtype: str = "A", **query_options: Any) -> dns.message.Message:
+        query = dns.message.make_query(name, rdtype, **query_options)
+        return await dns.asyncquery.tcp(query, LOOPBACK, port=self.port, timeout=3)
+
+
+class _RawUDP(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.replies: asyncio.Queue[bytes] = asyncio.Queue()
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        self.replies.put_nowait(data)
+
+
+async def raw_udp(port: int, packet: bytes, timeout: float = 2.0) -> bytes | None:
+    """Send one raw datagram; the reply, or None if none came within ``timeout``."""
+    loop = asyncio.get_running_loop()
+    transport, protocol = await loop.create_datagram_endpoint(_RawUDP, remote_addr=(LOOPBACK, port))
+    try:
+        transport.sendto(packet)
+        try:
+            return await asyncio.wait_for(protocol.replies.get(), timeout)
+        except TimeoutError:
+            return None
+    finally:
+        transport.close()
+
+
+async def read_frame(reader: asyncio.StreamReader, timeout: float = 3.0) -> bytes:
+    size = struct.unpack("!H", await asyncio.wait_for(reader.readexactly(2), timeout))[0]
+    return await asyncio.wait_for(reader.readexactly(size), timeout)
+
+
+def frame(message: bytes) -> bytes:
+    return struct.pack("!H", len(message)) + message
+
+
+def query_bytes(name: str, rdtype: str = "A", qid: int = 0x1234, **options: Any) -> bytes:
+    query = dns.message.make_query(name, rdtype, **options)
+    query.id = qid
+    return query.to_wire()
+
+
+def rcode_of(wire: bytes) -> int:
+    return wire[3] & 0x0F
+
+
+async def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Wait until ``condition()`` holds (polling the loop), or fail after ``timeout``."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.01)

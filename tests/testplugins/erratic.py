@@ -1,0 +1,3 @@
+from plugins.erratic import Erratic
+
+__all__ = ["Erratic"]
