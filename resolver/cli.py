@@ -118,10 +118,10 @@ async def serve(config: Config, args: argparse.Namespace, registry: Registry) ->
     except (ListenError, CorefileError, OSError) as exc:
         print(f"{config.file}: {exc}" if isinstance(exc, ListenError) else str(exc), file=sys.stderr)
         return 1
+    if args.pidfile:  # before the banner: whoever waits for the banner may read it next
+        Path(args.pidfile).write_text(f"{os.getpid()}\n")
     if not args.quiet:
         _print_banner(server, config)
-    if args.pidfile:
-        Path(args.pidfile).write_text(f"{os.getpid()}\n")
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     received: list[str] = []

@@ -40,7 +40,8 @@ class CorefileError(Exception):
     """A problem a user can fix in the Corefile; ``str()`` is the one-line message."""
 
     def __init__(self, file: str, line: int, problem: str) -> None:
-        super().__init__(f"{file}:{line}: {problem}")
+        # Line 0 means the file as a whole (it cannot be read, say).
+        super().__init__(f"{file}:{line}: {problem}" if line else f"{file}: {problem}")
         self.file = file
         self.line = line
         self.problem = problem

@@ -441,7 +441,7 @@ class Server:
         If anything fails before the swap, what was opened or started is undone and the
         previous configuration keeps serving untouched; the error propagates.
         """
-        routes = config.routes()
+        routes = self._match_bound_ports(config.routes())
         opened: list[Listener] = []
         started: list[Any] = []
         try:
@@ -469,6 +469,14 @@ class Server:
                 await _quietly(plugin.stop())
         for hook in self.on_configured:
             await hook(config)
+
+    def _match_bound_ports(
+        self, routes: dict[tuple[str, int], dict[str, ServerBlock]]
+    ) -> dict[tuple[str, int], dict[str, ServerBlock]]:
+        """Key routes like ``self.listeners``: a config that names the port a ``:0``
+        listener was given reuses that listener instead of binding the port twice."""
+        by_bound = {(listener.host, listener.bound_port): key for key, listener in self.listeners.items()}
+        return {by_bound.get(key, key) if key not in self.listeners else key: zones for key, zones in routes.items()}
 
     async def _open_listeners(
         self, routes: dict[tuple[str, int], dict[str, ServerBlock]], opened: list[Listener]

@@ -110,23 +110,41 @@ def question_name_end(wire: bytes) -> int:
     return offset
 
 
+_QTYPE_QCLASS = struct.Struct("!HH")
+_NO_EDNS = (False, MIN_UDP_SIZE, False, 0)
+
+
 def parse_question(wire: bytes) -> Question:
     """Parse the question and the EDNS OPT record of a query whose header was checked.
 
-    Only what routing and replying need is decoded. Answer and authority records (absent
-    in ordinary queries) are skipped over but must be well-formed.
+    Only what routing and replying need is decoded. The two shapes nearly every query
+    has (nothing after the question; or one OPT record right after it) take a short path;
+    anything else walks all records, which must then be well-formed.
     """
-    _id, _flags, _qd, ancount, nscount, arcount = HEADER.unpack_from(wire)
     name_end = question_name_end(wire)
     end = name_end + 4
-    if end > len(wire):
+    size = len(wire)
+    if end > size:
         raise WireError("question truncated")
-    qtype, qclass = struct.unpack_from("!HH", wire, name_end)
-    edns = False
-    udp_size = MIN_UDP_SIZE
-    do = False
-    version = 0
-    offset = end
+    qtype, qclass = _QTYPE_QCLASS.unpack_from(wire, name_end)
+    counts = wire[6:12]
+    if counts == b"\x00\x00\x00\x00\x00\x00":
+        return Question(end, qtype, qclass, *_NO_EDNS)
+    if counts == b"\x00\x00\x00\x00\x00\x01" and end + 11 <= size and wire[end] == 0:
+        rtype, rclass, ttl, rdlength = RR_FIXED.unpack_from(wire, end + 1)
+        if rtype == TYPE_OPT:
+            if end + 11 + rdlength > size:
+                raise WireError("OPT record data runs past the end of the packet")
+            return Question(
+                end, qtype, qclass, True, max(rclass, MIN_UDP_SIZE), bool(ttl & EDNS_DO), (ttl >> 16) & 0xFF
+            )
+    return Question(end, qtype, qclass, *_edns_from_records(wire, end))
+
+
+def _edns_from_records(wire: bytes, offset: int) -> tuple[bool, int, bool, int]:
+    """Walk every record after the question; return EDNS facts from the OPT record."""
+    _id, _flags, _qd, ancount, nscount, arcount = HEADER.unpack_from(wire)
+    edns, udp_size, do, version = _NO_EDNS
     for index in range(ancount + nscount + arcount):
         name_start = offset
         offset = skip_name(wire, offset)
@@ -144,7 +162,7 @@ def parse_question(wire: bytes) -> Question:
         udp_size = max(rclass, MIN_UDP_SIZE)
         version = (ttl >> 16) & 0xFF
         do = bool(ttl & EDNS_DO)
-    return Question(end, qtype, qclass, edns, udp_size, do, version)
+    return edns, udp_size, do, version
 
 
 def name_text(wire: bytes, start: int = HEADER_SIZE) -> str:

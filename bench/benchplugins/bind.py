@@ -1,0 +1,3 @@
+from plugins.bind import Bind
+
+__all__ = ["Bind"]

@@ -1,0 +1,3 @@
+from plugins.whoami import Whoami
+
+__all__ = ["Whoami"]
