@@ -22,7 +22,9 @@ from typing import TextIO
 from resolver import __version__, logs
 from resolver.config import DEFAULT_PORT, Config, load
 from resolver.corefile import CorefileError
+from resolver.endpoints import EndpointError
 from resolver.plugin import Registry
+from resolver.runtime import Runtime
 from resolver.server import ListenError, Server
 
 log = logs.core_logger()
@@ -86,9 +88,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name}")
         return 0
     logs.configure()
+    runtime = Runtime(corefile=None if args.conf == "stdin" else (args.conf or "Corefile"))
     try:
         text, file = read_corefile(args.conf, sys.stdin)
-        config = load(text, file, registry, args.port, directory=_directory_of(file))
+        config = load(text, file, registry, args.port, directory=_directory_of(file), runtime=runtime)
     except CorefileError as exc:
         print(exc, file=sys.stderr)
         return 1
@@ -112,10 +115,10 @@ def _run(entry: object) -> int:
 
 async def serve(config: Config, args: argparse.Namespace, registry: Registry) -> int:
     """Serve until SIGTERM/SIGINT; return the exit status."""
-    server = Server()
+    server = Server(config.runtime)
     try:
         await server.apply(config)
-    except (ListenError, CorefileError, OSError) as exc:
+    except (ListenError, CorefileError, EndpointError, OSError) as exc:
         print(f"{config.file}: {exc}" if isinstance(exc, ListenError) else str(exc), file=sys.stderr)
         return 1
     if args.pidfile:  # before the banner: whoever waits for the banner may read it next
@@ -132,15 +135,19 @@ async def serve(config: Config, args: argparse.Namespace, registry: Registry) ->
 
     reloading: set[asyncio.Task[None]] = set()
 
-    def on_reload() -> None:
-        log.info("SIGUSR1: Reloading")
+    def request_reload() -> None:
         task = loop.create_task(reload(server, args, registry))
         reloading.add(task)
         task.add_done_callback(reloading.discard)
 
+    def on_sigusr1() -> None:
+        log.info("SIGUSR1: Reloading")
+        request_reload()
+
+    config.runtime.request_reload = request_reload
     loop.add_signal_handler(signal.SIGTERM, on_stop, "SIGTERM")
     loop.add_signal_handler(signal.SIGINT, on_stop, "SIGINT")
-    loop.add_signal_handler(signal.SIGUSR1, on_reload)
+    loop.add_signal_handler(signal.SIGUSR1, on_sigusr1)
     try:
         await stop.wait()
         log.info("%s: Shutting down servers then terminating", received[0] if received else "SIGTERM")
@@ -158,9 +165,9 @@ async def reload(server: Server, args: argparse.Namespace, registry: Registry) -
         return False
     try:
         text, file = read_corefile(args.conf, sys.stdin)
-        config = load(text, file, registry, args.port, directory=_directory_of(file))
+        config = load(text, file, registry, args.port, directory=_directory_of(file), runtime=server.runtime)
         await server.apply(config)
-    except (CorefileError, ListenError, OSError) as exc:
+    except (CorefileError, ListenError, EndpointError, OSError) as exc:
         server.stats.reloads_failed += 1
         log.error("reload failed, keeping the running configuration: %s", exc)
         return False

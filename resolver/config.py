@@ -21,6 +21,7 @@ from resolver.corefile import CorefileError, ServerBlockSpec, Token, parse
 from resolver.plugin import Handler, Plugin, Registry
 from resolver.reply import Reply
 from resolver.request import Request
+from resolver.runtime import Runtime
 
 DEFAULT_PORT = 53
 WILDCARD_HOSTS = ("0.0.0.0", "::")
@@ -102,8 +103,9 @@ def reverse_zones(cidr: str, token: Token) -> list[str]:
 class ServerBlock:
     """A server block ready to serve: its zones, its plugins in order, and its chain."""
 
-    def __init__(self, keys: list[ZoneKey], file: str, line: int) -> None:
+    def __init__(self, keys: list[ZoneKey], file: str, line: int, runtime: Runtime) -> None:
         self.keys = keys
+        self.runtime = runtime  # process-wide services: stats, HTTP endpoints, reload
         self.file = file
         self.line = line
         self.zones = list(dict.fromkeys(key.zone for key in keys))
@@ -149,10 +151,11 @@ async def end_of_chain(req: Request) -> Reply:
 class Config:
     """A whole Corefile, set up: blocks in file order plus the text it came from."""
 
-    def __init__(self, blocks: list[ServerBlock], text: str, file: str) -> None:
+    def __init__(self, blocks: list[ServerBlock], text: str, file: str, runtime: Runtime) -> None:
         self.blocks = blocks
         self.text = text
         self.file = file
+        self.runtime = runtime
 
     @property
     def sha512(self) -> str:
@@ -179,13 +182,16 @@ def load(
     default_port: int = DEFAULT_PORT,
     environ: Mapping[str, str] | None = None,
     directory: Path | None = None,
+    runtime: Runtime | None = None,
 ) -> Config:
     """Parse and set up a Corefile; every problem raises ``CorefileError`` (file:line).
 
     ``directory`` is where relative ``import`` patterns are looked up (the Corefile's own).
+    ``runtime`` is the process's shared services; every reload passes the same one.
     """
+    runtime = runtime if runtime is not None else Runtime()
     specs = parse(text, file, environ, directory)
-    blocks = [_build_block(spec, registry, default_port) for spec in specs]
+    blocks = [_build_block(spec, registry, default_port, runtime) for spec in specs]
     if not blocks:
         raise CorefileError(file, 1, "no server blocks: the Corefile is empty")
     _check_duplicates(blocks)
@@ -193,17 +199,17 @@ def load(
         for plugin in block.plugins:
             plugin.connect(block)
         block.link()
-    return Config(blocks, text, file)
+    return Config(blocks, text, file, runtime)
 
 
-def _build_block(spec: ServerBlockSpec, registry: Registry, default_port: int) -> ServerBlock:
+def _build_block(spec: ServerBlockSpec, registry: Registry, default_port: int, runtime: Runtime) -> ServerBlock:
     keys: list[ZoneKey] = []
     for token in spec.keys:
         for key in parse_key(token, default_port):
             if key in keys:
                 raise token.error(f'zone "{key.zone}" on port {key.port} is listed twice in this server block')
             keys.append(key)
-    block = ServerBlock(keys, spec.file, spec.line)
+    block = ServerBlock(keys, spec.file, spec.line, runtime)
     seen: dict[str, int] = {}
     instances: list[tuple[int, int, Plugin]] = []
     for index, directive in enumerate(spec.directives):

@@ -6,7 +6,8 @@ A plugin is a class with a directive ``name`` that
   ``directive.error(...)`` for anything wrong, so the user gets ``file:line: problem``);
 * may look up other plugins of its server block in ``connect`` (autopath finds
   kubernetes, ready asks everyone), after every plugin of the block exists;
-* may do I/O in ``start``/``stop`` (watches, HTTP endpoints), once per configuration;
+* may do I/O in ``start``/``stop`` (watches, HTTP endpoints), once per configuration,
+  and delay a shutdown in ``before_shutdown`` (lameduck);
 * answers queries in ``serve(req, next)``: return a ``Reply``, or ``await next(req)`` to
   fall through, or wrap ``next`` to observe. Return ``None`` to send nothing at all.
 
@@ -56,7 +57,14 @@ class Plugin:
         """Start background work (called once the whole configuration is set up)."""
 
     async def stop(self) -> None:
-        """Stop background work (on shutdown, or when a reload replaces this config)."""
+        """Stop background work (on shutdown, or when a reload replaces this config).
+
+        After a reload this runs once the queries that were already in the old chain have
+        been answered (or the shutdown grace period has passed).
+        """
+
+    async def before_shutdown(self) -> None:
+        """Called on SIGTERM while queries are still answered (health's lameduck waits here)."""
 
     def ready(self) -> bool | None:
         """Readiness for the ``ready`` plugin: None means this plugin does not report."""

@@ -23,7 +23,6 @@ import errno
 import socket
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Generator
-from dataclasses import dataclass
 from typing import Any
 
 from dnslib import DNSError
@@ -33,6 +32,7 @@ from resolver.config import WILDCARD_HOSTS, Config, ServerBlock
 from resolver.logs import core_logger
 from resolver.reply import Reply
 from resolver.request import TCP, UDP, Request
+from resolver.runtime import Runtime, Stats
 
 log = core_logger()
 
@@ -46,20 +46,6 @@ MAX_TCP_PIPELINE = 256  # queries in flight per connection before we stop readin
 
 class ListenError(Exception):
     """A listening socket could not be opened; the message names address and reason."""
-
-
-@dataclass
-class Stats:
-    """Counters for packets that never reach a plugin (exported by the metrics plugin)."""
-
-    dropped_short: int = 0  # shorter than a DNS header
-    dropped_responses: int = 0  # QR set: never answer an answer (reflection loops)
-    formerr: int = 0
-    notimp: int = 0
-    refused: int = 0  # no server block serves the zone
-    panics: int = 0  # a plugin raised
-    tcp_rejected: int = 0  # connections over the cap
-    reloads_failed: int = 0
 
 
 class Router:
@@ -365,6 +351,7 @@ class Server:
 
     def __init__(
         self,
+        runtime: Runtime | None = None,
         *,
         tcp_idle_timeout: float = DEFAULT_TCP_IDLE_TIMEOUT,
         max_tcp_connections: int = DEFAULT_MAX_TCP_CONNECTIONS,
@@ -373,8 +360,10 @@ class Server:
         self.tcp_idle_timeout = tcp_idle_timeout
         self.max_tcp_connections = max_tcp_connections
         self.shutdown_grace = shutdown_grace
-        self.stats = Stats()
+        self.runtime = runtime if runtime is not None else Runtime()
+        self.stats: Stats = self.runtime.stats
         self.config: Config | None = None
+        self.retiring: set[asyncio.Task[None]] = set()
         self.listeners: dict[tuple[str, int], Listener] = {}
         self.in_flight: set[asyncio.Task[None]] = set()
         self.stopped = asyncio.Event()
@@ -465,10 +454,19 @@ class Server:
         for key in [key for key in self.listeners if key not in routes]:
             self.listeners.pop(key).stop_accepting()
         if old is not None:
-            for plugin in old.plugins():
-                await _quietly(plugin.stop())
+            retire = asyncio.get_running_loop().create_task(self._retire(old, set(self.in_flight)))
+            self.retiring.add(retire)
+            retire.add_done_callback(self.retiring.discard)
         for hook in self.on_configured:
             await hook(config)
+
+    async def _retire(self, old: Config, in_flight: set[asyncio.Task[None]]) -> None:
+        """Stop the replaced configuration's plugins once its queries are answered, so a
+        reload never cuts off a query that was halfway through the old chain."""
+        if in_flight:
+            await asyncio.wait(in_flight, timeout=self.shutdown_grace)
+        for plugin in old.plugins():
+            await _quietly(plugin.stop())
 
     def _match_bound_ports(
         self, routes: dict[tuple[str, int], dict[str, ServerBlock]]
@@ -505,7 +503,10 @@ class Server:
         raise KeyError(configured)
 
     async def shutdown(self) -> None:
-        """Stop accepting, let in-flight queries finish within the grace period, stop plugins."""
+        """Lameduck, stop accepting, let in-flight queries finish within the grace period,
+        stop plugins."""
+        if self.config is not None:
+            await asyncio.gather(*(_quietly(p.before_shutdown()) for p in self.config.plugins()))
         for listener in self.listeners.values():
             listener.stop_accepting()
         if self.in_flight:
@@ -518,9 +519,12 @@ class Server:
         for listener in self.listeners.values():
             listener.close()
         self.listeners.clear()
+        if self.retiring:
+            await asyncio.wait(set(self.retiring), timeout=self.shutdown_grace + 1)
         if self.config is not None:
             for plugin in self.config.plugins():
                 await _quietly(plugin.stop())
+        await self.runtime.http.close()
         self.stopped.set()
 
 

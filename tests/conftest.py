@@ -13,6 +13,7 @@ import pytest
 
 from resolver.config import load
 from resolver.plugin import Registry
+from resolver.runtime import Runtime
 from resolver.server import Server
 from tests.helpers import TEST_REGISTRY, Running
 
@@ -29,11 +30,12 @@ async def start_server() -> AsyncIterator[StartServer]:
     servers: list[Server] = []
 
     async def start(corefile: str, registry: Registry = TEST_REGISTRY, **options: Any) -> Running:
-        config = load(corefile, "Corefile", registry, default_port=0)
-        server = Server(**options)
+        runtime = Runtime()
+        config = load(corefile, "Corefile", registry, default_port=0, runtime=runtime)
+        server = Server(runtime, **options)
         await server.apply(config)
         servers.append(server)
-        return Running(server)
+        return Running(server, registry)
 
     yield start
     for server in servers:

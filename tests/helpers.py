@@ -14,6 +14,7 @@ import dns.asyncquery
 import dns.message
 import dns.rdatatype
 
+from resolver.config import load
 from resolver.plugin import Registry
 from resolver.server import Server
 from tests.testplugins import ORDER as TEST_ORDER
@@ -25,9 +26,15 @@ TEST_REGISTRY = Registry(TEST_ORDER, "tests.testplugins")
 class Running:
     """A started server and the port its ``.:0`` blocks got."""
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Server, registry: Registry) -> None:
         self.server = server
+        self.registry = registry
         self.port = server.port(0)
+
+    async def reconfigure(self, corefile: str) -> None:
+        """Load ``corefile`` into the running server, as a reload does."""
+        config = load(corefile, "Corefile", self.registry, default_port=0, runtime=self.server.runtime)
+        await self.server.apply(config)
 
     async def udp(self, name: str, rdtype: str = "A", **query_options: Any) -> dns.message.Message:
         query = dns.message.make_query(name, rdtype, **query_options)

@@ -381,6 +381,17 @@ async def test_chain_that_never_waits_creates_no_task(start_server: StartServer)
 async def test_apply_swaps_configuration_on_the_same_port(start_server: StartServer) -> None:
     running = await start_server(WHOAMI)
     assert not (await running.udp("example.org")).answer
-    config = load(". {\n bind 127.0.0.1\n erratic\n}\n", "Corefile", TEST_REGISTRY, default_port=0)
-    await running.server.apply(config)
+    await running.reconfigure(". {\n bind 127.0.0.1\n erratic\n}\n")
     assert (await running.udp("example.org")).answer[0][0].address == "192.0.2.53"
+
+
+async def test_reload_lets_queries_in_the_old_chain_finish_before_stopping_it(start_server: StartServer) -> None:
+    running = await start_server(". {\n bind 127.0.0.1\n slowstop\n}\n")
+    old_plugin = running.server.config.blocks[0].plugins[0]  # type: ignore[union-attr]
+    in_flight = asyncio.create_task(running.udp("old.example.", "TXT"))
+    await wait_for(lambda: len(running.server.in_flight) == 1)
+    await running.reconfigure(". {\n bind 127.0.0.1\n whoami\n}\n")
+    assert not (await running.udp("new.example.")).answer  # the new chain (whoami) answers now
+    reply = await in_flight
+    assert reply.rcode() == dns.rcode.NOERROR and reply.answer[0][0].strings == (b"ok",)
+    await wait_for(lambda: old_plugin.stopped)  # and the old plugin was stopped afterwards

@@ -4,4 +4,4 @@ The order follows the same rule as ``plugins.ORDER``; ``first`` and ``second`` c
 that order whatever order a Corefile names them in.
 """
 
-ORDER: tuple[str, ...] = ("bind", "first", "second", "crash", "big", "erratic", "whoami", "report")
+ORDER: tuple[str, ...] = ("bind", "first", "second", "crash", "big", "slowstop", "erratic", "whoami", "report")
