@@ -6,6 +6,7 @@ later goes where CoreDNS has it, so Corefiles behave the same in both servers.
 """
 
 ORDER: tuple[str, ...] = (
+    "reload",
     "bind",
     "erratic",
     "whoami",

@@ -136,13 +136,17 @@ async def serve(config: Config, args: argparse.Namespace, registry: Registry) ->
     reloading: set[asyncio.Task[None]] = set()
 
     def request_reload() -> None:
+        log.info("Reloading")
+        start_reload()
+
+    def start_reload() -> None:
         task = loop.create_task(reload(server, args, registry))
         reloading.add(task)
         task.add_done_callback(reloading.discard)
 
     def on_sigusr1() -> None:
         log.info("SIGUSR1: Reloading")
-        request_reload()
+        start_reload()
 
     config.runtime.request_reload = request_reload
     loop.add_signal_handler(signal.SIGTERM, on_stop, "SIGTERM")
@@ -171,6 +175,7 @@ async def reload(server: Server, args: argparse.Namespace, registry: Registry) -
         server.stats.reloads_failed += 1
         log.error("reload failed, keeping the running configuration: %s", exc)
         return False
+    log.info("Reloading complete")
     return True
 
 

@@ -113,6 +113,8 @@ class ServerBlock:
         self.handler: Handler = end_of_chain
         #: Addresses to listen on; empty means every address. The bind plugin fills it.
         self.hosts: list[str] = []
+        #: The whole configuration this block belongs to (set once all blocks exist).
+        self.config: Config | None = None
 
     def find(self, name: str) -> Plugin | None:
         """The first plugin of this block with directive ``name``, if any."""
@@ -195,11 +197,14 @@ def load(
     if not blocks:
         raise CorefileError(file, 1, "no server blocks: the Corefile is empty")
     _check_duplicates(blocks)
+    config = Config(blocks, text, file, runtime)
+    for block in blocks:
+        block.config = config
     for block in blocks:
         for plugin in block.plugins:
             plugin.connect(block)
         block.link()
-    return Config(blocks, text, file, runtime)
+    return config
 
 
 def _build_block(spec: ServerBlockSpec, registry: Registry, default_port: int, runtime: Runtime) -> ServerBlock:

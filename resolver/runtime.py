@@ -2,7 +2,8 @@
 
 A reload replaces every plugin instance, but some things belong to the process: the
 counters of packets that never reached a plugin, the HTTP servers that health, ready and
-metrics share, the path of the Corefile, and the way to ask for a reload. They live in
+metrics share, the metric families (counters do not reset on reload, as in CoreDNS),
+the path of the Corefile, and the way to ask for a reload. They live in
 one ``Runtime`` that the server and every configuration it loads share, and a plugin
 reaches it through its server block (``block.runtime``), never through a global.
 """
@@ -12,8 +13,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from resolver.endpoints import HTTPEndpoints
+from resolver.metrics import Metrics
 
 
 @dataclass
@@ -30,14 +33,30 @@ class Stats:
     reloads_failed: int = 0
 
 
+T = TypeVar("T")
+
+
 class Runtime:
     """What every configuration of one process shares."""
 
     def __init__(self, corefile: str | None = None) -> None:
         self.stats = Stats()
         self.http = HTTPEndpoints()
+        self.metrics = Metrics()
         #: Path of the main Corefile; None when it was read from stdin (no reload then).
         self.corefile = corefile
         #: Set by whoever can reload (the CLI); the reload plugin calls it on a change.
         self.request_reload: Callable[[], None] | None = None
+        #: SHA512 of the Corefile text being served (set by the server on every apply).
+        self.config_sha512 = ""
         self.started = time.time()
+        self._shared: dict[str, Any] = {}
+
+    def shared(self, key: str, factory: Callable[[], T]) -> T:
+        """Process-wide state of one plugin kind (created on first use, kept across
+        reloads): one reload watcher however many blocks say ``reload``, one readiness
+        table per ``ready`` address. Key it by the plugin's name."""
+        value = self._shared.get(key)
+        if value is None:
+            value = self._shared[key] = factory()
+        return value  # type: ignore[no-any-return]

@@ -451,6 +451,7 @@ class Server:
             if key in routes:
                 listener.router = Router(routes[key])
         old, self.config = self.config, config
+        self.runtime.config_sha512 = config.sha512
         for key in [key for key in self.listeners if key not in routes]:
             self.listeners.pop(key).stop_accepting()
         if old is not None:

@@ -36,20 +36,28 @@ class Process:
             text=True,
         )
         self.lines: list[str] = []
+        self.matched: set[int] = set()  # indexes of lines an earlier wait already returned
         self.port = int(self.wait_for_line(r"^\.:(\d+)$").group(1))
 
     def wait_for_line(self, pattern: str, timeout: float = 10) -> re.Match[str]:
-        """Read output until a line matches (the pipe read blocks, so the deadline is checked per line)."""
+        """The first output line, not returned before, that matches ``pattern``, reading
+        more output as needed (the pipe read blocks, so the deadline is checked per line)."""
         deadline = time.monotonic() + timeout
         assert self.proc.stdout is not None
-        while time.monotonic() < deadline:
+        checked = 0
+        while True:
+            for index in range(checked, len(self.lines)):
+                match = re.search(pattern, self.lines[index])
+                if match and index not in self.matched:
+                    self.matched.add(index)
+                    return match
+            checked = len(self.lines)
+            if time.monotonic() > deadline:
+                break
             line = self.proc.stdout.readline()
             if not line:
                 break
             self.lines.append(line.rstrip("\n"))
-            match = re.search(pattern, line.rstrip("\n"))
-            if match:
-                return match
         raise AssertionError(f"no line matching {pattern!r} in output:\n" + "\n".join(self.lines))
 
     def query(self, name: str, rdtype: str = "A", timeout: float = 3) -> dns.message.Message:

@@ -21,7 +21,7 @@ class SlowStop(Plugin):
     async def stop(self) -> None:
         self.stopped = True
 
-    async def serve(self, req: Request, next: Handler) -> Reply | None:  # noqa: A002
+    async def serve(self, req: Request, next: Handler) -> Reply | None:
         await asyncio.sleep(0.3)
         if self.stopped:
             return self.fail(req, wire.SERVFAIL, "stopped while the query was in flight")

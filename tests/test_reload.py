@@ -1,0 +1,94 @@
+"""reload: a changed Corefile is served without a restart; a broken one is not."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+
+import pytest
+
+from plugins.reload import Reload, Watcher
+from resolver.config import load
+from resolver.corefile import CorefileError
+from resolver.plugin import Registry
+from tests.conftest import StartServer
+from tests.test_cli import Process, processes  # noqa: F401 - the fixture is used by name
+
+REGISTRY = Registry.default()
+
+
+def test_interval_and_jitter_limits() -> None:
+    for text, problem in (
+        ("reload 1s", "interval value must be greater or equal to 2s"),
+        ("reload 10s 500ms", "jitter value must be greater or equal to 1s"),
+        ("reload soon", 'invalid duration "soon"'),
+        ("reload 10s 2s 3s", "expected 0 to 2 arguments"),
+    ):
+        with pytest.raises(CorefileError) as caught:
+            load(f". {{\n {text}\n}}\n", "Corefile", REGISTRY)
+        assert str(caught.value).startswith("Corefile:2: reload: ") and problem in str(caught.value)
+
+
+def test_jitter_is_capped_at_half_the_interval() -> None:
+    config = load(". {\n reload 4s 30s\n}\n", "Corefile", REGISTRY)
+    (plugin,) = config.blocks[0].plugins
+    assert isinstance(plugin, Reload)
+    assert 3.0 <= plugin.interval <= 5.0  # 4s shifted by at most +-1s (half of the capped 2s)
+
+
+def test_changed_corefile_is_served_and_a_broken_one_is_not(tmp_path: Path, processes: list[Process]) -> None:  # noqa: F811
+    corefile = tmp_path / "Corefile"
+    text = ".:0 {\n bind 127.0.0.1\n reload 2s 1s\n whoami\n}\n"
+    corefile.write_text(text)
+    process = Process(corefile)
+    processes.append(process)
+    process.wait_for_line(
+        rf"^\[INFO\] plugin/reload: Running configuration SHA512 = {hashlib.sha512(text.encode()).hexdigest()}$"
+    )
+    assert not process.query("example.org").answer  # whoami answers in the additional section
+
+    changed = f".:{process.port} {{\n bind 127.0.0.1\n reload 2s 1s\n erratic\n}}\n"
+    corefile.write_text(changed)
+    process.wait_for_line(r"^\[INFO\] Reloading$", timeout=15)
+    process.wait_for_line(rf"Running configuration SHA512 = {hashlib.sha512(changed.encode()).hexdigest()}$")
+    process.wait_for_line(r"^\[INFO\] Reloading complete$")
+    assert process.query("example.org").answer[0][0].address == "192.0.2.53"
+
+    corefile.write_text(f".:{process.port} {{\n bind 127.0.0.1\n reload 2s 1s\n erratic\n cahce\n}}\n")
+    failure = process.wait_for_line(r"^\[ERROR\] reload failed, keeping the running configuration: (.*)$", timeout=15)
+    assert failure.group(1) == f'{corefile}:5: unknown directive "cahce"'
+    assert process.query("example.org").answer[0][0].address == "192.0.2.53"
+    # The broken file is not retried at every interval: no second error line appears.
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        assert process.query("example.org").answer[0][0].address == "192.0.2.53"
+        time.sleep(0.5)
+    assert process.stop() == 0
+    assert sum("reload failed" in line for line in process.lines) == 1
+
+
+async def test_one_watch_per_process_carried_across_reloads(start_server: StartServer, tmp_path: Path) -> None:
+    two_blocks = "example.org {\n bind 127.0.0.1\n reload\n whoami\n}\n. {\n bind 127.0.0.1\n reload 5s\n erratic\n}\n"
+    running = await start_server(two_blocks, registry=REGISTRY)
+    runtime = running.server.runtime
+    runtime.corefile = str(tmp_path / "Corefile")  # something to watch (content does not matter here)
+    await running.reconfigure(two_blocks)
+    watcher = runtime.shared("reload", lambda: Watcher(runtime))
+    assert watcher.task is not None and not watcher.task.done()
+    first_task = watcher.task
+    assert len({id(instance.config) for instance in watcher.instances}) <= 2
+    await running.reconfigure(two_blocks.replace("reload 5s", "reload 7s"))
+    await _settle(running)
+    assert watcher.task is first_task  # the same watch went on across the reload
+    assert len(watcher.instances) == 2 and all(i.config is running.server.config for i in watcher.instances)
+    await running.reconfigure(". {\n bind 127.0.0.1\n whoami\n}\n")
+    await _settle(running)
+    assert watcher.task is None and first_task.cancelled()  # no reload plugin left: no watch
+    assert watcher.instances == []
+
+
+async def _settle(running) -> None:  # type: ignore[no-untyped-def]
+    from tests.helpers import wait_for
+
+    await wait_for(lambda: not running.server.retiring)
