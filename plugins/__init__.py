@@ -8,6 +8,15 @@ later goes where CoreDNS has it, so Corefiles behave the same in both servers.
 ORDER: tuple[str, ...] = (
     "reload",
     "bind",
+    "ready",
+    "health",
+    "prometheus",
+    "errors",
+    "log",
+    "acl",
+    "any",
+    "loadbalance",
+    "hosts",
     "erratic",
     "whoami",
 )

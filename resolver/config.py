@@ -134,6 +134,8 @@ class ServerBlock:
         """Chain the plugins: each one's ``next`` is the rest of the chain."""
         handler: Handler = end_of_chain
         for plugin in reversed(self.plugins):
+            if type(plugin).serve is Plugin.serve:
+                continue  # pure fall-through (bind, health, ready, reload): no frame per query
             # partial calls plugin.serve directly: no extra coroutine frame per plugin.
             handler = functools.partial(plugin.serve, next=handler)
         self.handler = handler

@@ -17,7 +17,28 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from resolver.corefile import Directive
+
 Handler = Callable[[Any], Awaitable[Any]]  # aiohttp.web.Request -> aiohttp.web.Response
+
+
+def check_address(text: str, directive: Directive) -> str:
+    """``HOST:PORT``, ``:PORT`` or ``[IPv6]:PORT`` as Go's net.SplitHostPort accepts it
+    (CoreDNS rejects an address without a port); raises a one-line Corefile error."""
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or not rest.startswith(":"):
+            raise directive.error(f'invalid address "{text}": missing port (use HOST:PORT or :PORT)')
+        port = rest[1:]
+    else:
+        host, colon, port = text.rpartition(":")
+        if not colon:
+            raise directive.error(f'invalid address "{text}": missing port (use HOST:PORT or :PORT)')
+        if ":" in host:
+            raise directive.error(f'invalid address "{text}": too many colons (write IPv6 as [ADDRESS]:PORT)')
+    if not port.isdigit() or int(port) > 65535:
+        raise directive.error(f'invalid address "{text}": invalid port "{port}"')
+    return text
 
 
 class EndpointError(Exception):

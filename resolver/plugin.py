@@ -188,3 +188,34 @@ def parse_int(text: str, directive: Directive, least: int = 0, most: int | None 
 def raise_unknown_option(directive: Directive, option: Directive) -> CorefileError:
     """The error for an unknown line inside a plugin's block."""
     return CorefileError(option.file, option.line, f'{directive.name}: unknown option "{option.name}"')
+
+
+def format_duration(seconds: float) -> str:
+    """A duration as Go's ``time.Duration.String`` prints it: ``300ms``, ``30s``, ``5m0s``."""
+    ns = round(seconds * 1e9)
+    if ns == 0:
+        return "0s"
+    sign, ns = ("-", -ns) if ns < 0 else ("", ns)
+    if ns < 1_000:
+        return f"{sign}{ns}ns"
+    if ns < 1_000_000:
+        return f"{sign}{_decimal(ns, 3)}µs"
+    if ns < 1_000_000_000:
+        return f"{sign}{_decimal(ns, 6)}ms"
+    whole_seconds, fraction = divmod(ns, 1_000_000_000)
+    minutes, secs = divmod(whole_seconds, 60)
+    hours, minutes = divmod(minutes, 60)
+    text = _decimal(secs * 1_000_000_000 + fraction, 9) + "s"
+    if hours or minutes:
+        text = f"{minutes}m{text}"
+    if hours:
+        text = f"{hours}h{text}"
+    return sign + text
+
+
+def _decimal(value: int, digits: int) -> str:
+    """``value / 10**digits`` with the fraction's trailing zeros (and a bare point) dropped."""
+    whole, fraction = divmod(value, 10**digits)
+    if not fraction:
+        return str(whole)
+    return f"{whole}.{fraction:0{digits}d}".rstrip("0")

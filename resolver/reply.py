@@ -51,6 +51,16 @@ class Reply:
         return self._message
 
     @property
+    def packed(self) -> bytes | None:
+        """The wire bytes if this reply already has them (never packs), else None."""
+        return self._wire
+
+    @property
+    def parsed(self) -> DNSRecord | None:
+        """The dnslib message if this reply already has it (never parses), else None."""
+        return self._message
+
+    @property
     def rcode(self) -> int:
         """The full RCODE, extended bits from OPT included when known cheaply."""
         if self._message is not None:

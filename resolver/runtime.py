@@ -21,13 +21,14 @@ from resolver.metrics import Metrics
 
 @dataclass
 class Stats:
-    """Counters for packets that never reach a plugin (exported by the metrics plugin)."""
+    """Packets the core answers or drops itself, before any plugin (exported by prometheus)."""
 
     dropped_short: int = 0  # shorter than a DNS header
     dropped_responses: int = 0  # QR set: never answer an answer (reflection loops)
     formerr: int = 0
     notimp: int = 0
     refused: int = 0  # no server block serves the zone
+    badvers: int = 0  # EDNS version above 0
     panics: int = 0  # a plugin raised
     tcp_rejected: int = 0  # connections over the cap
     reloads_failed: int = 0

@@ -115,7 +115,7 @@ class Listener:
         self.bound_port = port
         self.router = router
         self.closing = False
-        self.label = f"dns://{'' if host in WILDCARD_HOSTS else host}:{port}"
+        self.label = server_label(host, port)
         self.udp: asyncio.DatagramTransport | None = None
         self.tcp: asyncio.Server | None = None
         self.connections: set[TCPConnection] = set()
@@ -127,17 +127,30 @@ class Listener:
         """Bind UDP and TCP on ``port`` (the same number for both)."""
         loop = asyncio.get_running_loop()
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        try:
-            udp_socket = _bind_socket(family, socket.SOCK_DGRAM, self.host, port)
-            port = udp_socket.getsockname()[1]
-            tcp_socket = _bind_socket(family, socket.SOCK_STREAM, self.host, port)
-        except OSError as exc:
-            raise ListenError(f"cannot listen on {_hostport(self.host, port)}: {exc.strerror or exc}") from None
+        # With port 0 the kernel picks a free UDP port, which may still be taken for TCP:
+        # then try another one rather than fail.
+        attempts = 20 if port == 0 else 1
+        for attempt in range(attempts):
+            try:
+                udp_socket = _bind_socket(family, socket.SOCK_DGRAM, self.host, port)
+            except OSError as exc:
+                raise ListenError(f"cannot listen on {_hostport(self.host, port)}: {exc.strerror or exc}") from None
+            bound = udp_socket.getsockname()[1]
+            try:
+                tcp_socket = _bind_socket(family, socket.SOCK_STREAM, self.host, bound)
+            except OSError as exc:
+                udp_socket.close()
+                if exc.errno == errno.EADDRINUSE and attempt + 1 < attempts:
+                    continue
+                where = _hostport(self.host, bound)
+                raise ListenError(f"cannot listen on {where}/tcp: {exc.strerror or exc}") from None
+            port = bound
+            break
         transport, _ = await loop.create_datagram_endpoint(lambda: UDPProtocol(self), sock=udp_socket)
         self.udp = transport  # type: ignore[assignment]
         self.tcp = await loop.create_server(lambda: TCPConnection(self), sock=tcp_socket, backlog=1024)
         self.bound_port = port
-        self.label = f"dns://{'' if self.host in WILDCARD_HOSTS else self.host}:{self.port}"
+        self.label = server_label(self.host, self.port)
 
     def handle(self, data: bytes, client: Any, transport: str, send: SendTo) -> asyncio.Task[None] | None:
         """Answer one raw query; returns the Task when the chain had to wait."""
@@ -164,6 +177,7 @@ class Listener:
             send(self._rejection(data, wire.FORMERR), client)
             return None
         if question.edns_version:
+            stats.badvers += 1
             send(wire.error_reply(data, wire.BADVERS, question.end, True, question.do), client)
             return None
         router = self.router
@@ -565,6 +579,14 @@ def _ipv6_unavailable() -> bool:
     finally:
         probe.close()
     return False
+
+
+def server_label(host: str, port: int) -> str:
+    """The ``server`` label of CoreDNS's metrics for a listener: ``dns://:53`` when it
+    listens on every address, ``dns://127.0.0.1:53``, ``dns://[::1]:53``."""
+    if host in WILDCARD_HOSTS:
+        return f"dns://:{port}"
+    return f"dns://{_hostport(host, port)}"
 
 
 def _hostport(host: str, port: int) -> str:

@@ -1,7 +1,28 @@
 """Plugins that exist only for the tests, registered with the real ones they mix with.
 
 The order follows the same rule as ``plugins.ORDER``; ``first`` and ``second`` come in
-that order whatever order a Corefile names them in.
+that order whatever order a Corefile names them in. Modules that only re-export a real
+plugin (bind, ready, health, errors, log, acl, loadbalance, erratic, whoami) let tests
+mix real plugins with test-only ones in one chain.
 """
 
-ORDER: tuple[str, ...] = ("bind", "first", "second", "crash", "big", "slowstop", "erratic", "whoami", "report")
+ORDER: tuple[str, ...] = (
+    "bind",
+    "ready",
+    "health",
+    "errors",
+    "log",
+    "first",
+    "second",
+    "acl",
+    "loadbalance",
+    "crash",
+    "failing",
+    "big",
+    "manyrecords",
+    "slowstop",
+    "erratic",
+    "notready",
+    "whoami",
+    "report",
+)

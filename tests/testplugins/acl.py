@@ -1,0 +1,3 @@
+from plugins.acl import Acl
+
+__all__ = ["Acl"]

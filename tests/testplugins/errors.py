@@ -1,0 +1,3 @@
+from plugins.errors import Errors
+
+__all__ = ["Errors"]

@@ -1,0 +1,3 @@
+from plugins.health import Health
+
+__all__ = ["Health"]

@@ -1,0 +1,3 @@
+from plugins.loadbalance import LoadBalance
+
+__all__ = ["LoadBalance"]

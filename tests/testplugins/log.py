@@ -1,0 +1,3 @@
+from plugins.log import Log
+
+__all__ = ["Log"]

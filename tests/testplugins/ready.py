@@ -1,0 +1,3 @@
+from plugins.ready import Ready
+
+__all__ = ["Ready"]
