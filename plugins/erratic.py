@@ -70,7 +70,7 @@ class Erratic(Plugin):
             reply.header.tc = 1
             return self.answer(reply)
         if req.qtype == QTYPE.A:
-            reply.add_answer(RR(req.qname, QTYPE.A, req.qclass, 5, A("192.0.2.53")))
+            reply.add_answer(RR(req.name, QTYPE.A, req.qclass, 5, A("192.0.2.53")))
         elif req.qtype == QTYPE.AAAA:
-            reply.add_answer(RR(req.qname, QTYPE.AAAA, req.qclass, 5, AAAA("2001:db8::53")))
+            reply.add_answer(RR(req.name, QTYPE.AAAA, req.qclass, 5, AAAA("2001:db8::53")))
         return self.answer(reply)

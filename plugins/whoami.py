@@ -12,7 +12,7 @@ client's source port. TTLs are 0. This is CoreDNS's whoami, byte for byte in mea
 
 from __future__ import annotations
 
-from dnslib import AAAA, QTYPE, RR, SRV, A
+from dnslib import AAAA, QTYPE, RR, SRV, A, DNSLabel
 
 from resolver.plugin import Handler, Plugin
 from resolver.reply import Reply
@@ -24,13 +24,13 @@ class Whoami(Plugin):
 
     async def serve(self, req: Request, next: Handler) -> Reply | None:
         reply = req.reply(authoritative=True)
-        qname = req.qname
+        name = req.name
         if req.family == 1:
-            address = RR(qname, QTYPE.A, req.qclass, 0, A(req.remote_ip))
+            address = RR(name, QTYPE.A, req.qclass, 0, A(req.remote_ip))
         else:
-            address = RR(qname, QTYPE.AAAA, req.qclass, 0, AAAA(req.remote_ip))
-        srv_name = f"_{req.transport}{'' if qname == '.' else '.'}{qname}"
-        service = RR(srv_name, QTYPE.SRV, req.qclass, 0, SRV(0, 0, req.remote_port, "."))
+            address = RR(name, QTYPE.AAAA, req.qclass, 0, AAAA(req.remote_ip))
+        service_name = DNSLabel((f"_{req.transport}".encode(), *name.label))
+        service = RR(service_name, QTYPE.SRV, req.qclass, 0, SRV(0, 0, req.remote_port, "."))
         # Keep the OPT record (if any) last, where resolvers expect it.
         reply.ar[0:0] = [address, service]
         return self.answer(reply)

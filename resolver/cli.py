@@ -40,7 +40,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.add_argument(f"-{name}", f"--{name}", **kwargs)  # type: ignore[arg-type]
 
     flag("conf", metavar="FILE", default=None, help='Corefile to load, or "stdin" (default: ./Corefile)')
-    flag("dns.port", dest="port", metavar="PORT", type=int, default=DEFAULT_PORT, help="default port (default: 53)")
+    flag("dns.port", dest="port", metavar="PORT", type=_port, default=DEFAULT_PORT, help="default port (default: 53)")
     flag("plugins", action="store_true", help="list the plugins in execution order and exit")
     flag("version", action="store_true", help="show the version and exit")
     flag("quiet", action="store_true", help="no initialization output")
@@ -48,10 +48,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _port(text: str) -> int:
+    if not (text.isascii() and text.isdigit()) or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f'invalid port "{text}" (0 to 65535)')
+    return int(text)
+
+
 def read_corefile(conf: str | None, stdin: TextIO) -> tuple[str, str]:
     """The Corefile's text and the name errors should use for it."""
     if conf == "stdin":
-        return stdin.read(), "stdin"
+        try:
+            return stdin.buffer.read().decode("utf-8"), "stdin"
+        except UnicodeDecodeError:
+            raise CorefileError("stdin", 0, "the Corefile is not UTF-8 text") from None
     path = conf or "Corefile"
     try:
         return Path(path).read_text(encoding="utf-8"), path
@@ -122,7 +131,12 @@ async def serve(config: Config, args: argparse.Namespace, registry: Registry) ->
         print(f"{config.file}: {exc}" if isinstance(exc, ListenError) else str(exc), file=sys.stderr)
         return 1
     if args.pidfile:  # before the banner: whoever waits for the banner may read it next
-        Path(args.pidfile).write_text(f"{os.getpid()}\n")
+        try:
+            Path(args.pidfile).write_text(f"{os.getpid()}\n")
+        except OSError as exc:
+            print(f"cannot write pidfile {args.pidfile}: {exc.strerror or exc}", file=sys.stderr)
+            await server.shutdown()
+            return 1
     if not args.quiet:
         _print_banner(server, config)
     loop = asyncio.get_running_loop()
@@ -174,6 +188,10 @@ async def reload(server: Server, args: argparse.Namespace, registry: Registry) -
     except (CorefileError, ListenError, EndpointError, OSError) as exc:
         server.stats.reloads_failed += 1
         log.error("reload failed, keeping the running configuration: %s", exc)
+        return False
+    except Exception as exc:  # a bug, not a user error: still never lose the running config
+        server.stats.reloads_failed += 1
+        log.error("reload failed, keeping the running configuration: %r", exc, exc_info=exc)
         return False
     log.info("Reloading complete")
     return True

@@ -63,7 +63,7 @@ def parse_key(token: Token, default_port: int) -> list[ZoneKey]:
 
 
 def _port(text: str, token: Token) -> int:
-    if not text.isdigit() or int(text) > 65535:
+    if not (text.isascii() and text.isdigit()) or int(text) > 65535:
         raise token.error(f'invalid port "{text}" in server block key "{token.text}"')
     return int(text)
 
@@ -73,7 +73,8 @@ def _zone_name(text: str, token: Token) -> str:
         return "."
     name = text.lower().rstrip(".") + "."
     labels = name[:-1].split(".")
-    if any(not label for label in labels) or any(len(label) > 63 for label in labels) or len(name) > 254:
+    bad = any(not label or len(label) > 63 for label in labels) or len(name) > 254
+    if bad or any(char in name for char in ":[]/\\") or not name.isprintable():
         raise token.error(f'invalid zone name "{text}"')
     return name
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 MAX_IMPORT_DEPTH = 32
+MAX_NESTING = 64  # blocks inside blocks; deeper is surely a mistake (and would exhaust the stack)
 
 
 class CorefileError(Exception):
@@ -53,12 +54,15 @@ class Token:
     file: str
     line: int
     quoted: bool = False
+    #: Which pasting of a snippet or file this token came from: two imports of the same
+    #: snippet carry the same file and line, and must still be two separate lines.
+    origin: int = 0
 
     def error(self, problem: str) -> CorefileError:
         return CorefileError(self.file, self.line, problem)
 
     def same_line(self, other: Token) -> bool:
-        return self.file == other.file and self.line == other.line
+        return self.line == other.line and self.file == other.file and self.origin == other.origin
 
 
 @dataclass(slots=True)
@@ -166,10 +170,21 @@ class _Source:
     def __init__(self, environ: Mapping[str, str]) -> None:
         self.environ = environ
         self.snippets: dict[str, list[Token]] = {}
+        self.pastes = 0
 
-    def read_file(self, path: Path, display: str, importing: tuple[str, ...]) -> list[Token]:
-        text = path.read_text(encoding="utf-8")
-        return self.expand(tokenize(text, display), path.parent, (*importing, str(path.resolve())))
+    def read_file(self, token: Token, path: Path, display: str, importing: tuple[str, ...]) -> list[Token]:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise token.error(f'import: "{display}" is not UTF-8 text') from None
+        except OSError as exc:
+            raise token.error(f'import: cannot read "{display}": {exc.strerror or exc}') from None
+        return self.expand(self._pasted(tokenize(text, display)), path.parent, (*importing, str(path.resolve())))
+
+    def _pasted(self, tokens: list[Token]) -> list[Token]:
+        """The tokens of one pasting, marked so they never join lines of another one."""
+        self.pastes += 1
+        return [Token(t.text, t.file, t.line, t.quoted, self.pastes) for t in tokens]
 
     def expand(self, tokens: list[Token], directory: Path, importing: tuple[str, ...]) -> list[Token]:
         """Substitute the environment, record snippets, and splice in imports."""
@@ -217,7 +232,7 @@ class _Source:
             key = f"snippet:{pattern}"
             if key in importing:
                 raise token.error(f'snippet "{pattern}" imports itself')
-            return self.expand(self.snippets[pattern], directory, (*importing, key))
+            return self.expand(self._pasted(self.snippets[pattern]), directory, (*importing, key))
         full = pattern if os.path.isabs(pattern) else str(directory / pattern)
         matches = sorted(glob.glob(full))
         if not matches:
@@ -231,7 +246,7 @@ class _Source:
                 raise token.error(f'import cycle: "{pattern}" imports itself')
             if path.is_dir():
                 continue
-            out.extend(self.read_file(path, _display_path(match), importing))
+            out.extend(self.read_file(token, path, _display_path(match), importing))
         return out
 
 
@@ -328,9 +343,14 @@ class _Parser:
             if not (token.same_line(keys[-1]) or keys[-1].text.endswith(",")):
                 break
             keys.append(self.take())
-        return _split_commas(keys)
+        split = _split_commas(keys)
+        if not split:
+            raise first.error("empty server block key")
+        return split
 
-    def lines(self, closing: Token | None) -> list[Directive]:
+    def lines(self, closing: Token | None, depth: int = 0) -> list[Directive]:
+        if depth > MAX_NESTING:
+            raise (closing or self.tokens[0]).error(f"blocks nested more than {MAX_NESTING} deep")
         directives: list[Directive] = []
         while True:
             token = self.peek()
@@ -345,16 +365,16 @@ class _Parser:
                 return directives
             if token.text == "{" and not token.quoted:
                 raise token.error('unexpected "{": a block must follow a directive on the same line')
-            directives.append(self.directive())
+            directives.append(self.directive(depth))
 
-    def directive(self) -> Directive:
+    def directive(self, depth: int = 0) -> Directive:
         head = self.take()
         args: list[str] = []
         block: list[Directive] | None = None
         while (token := self.peek()) is not None and token.same_line(head):
             if token.text == "{" and not token.quoted:
                 self.take()
-                block = self.lines(closing=token)
+                block = self.lines(closing=token, depth=depth + 1)
                 break
             if token.text == "}" and not token.quoted:
                 break

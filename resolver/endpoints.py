@@ -36,7 +36,7 @@ def check_address(text: str, directive: Directive) -> str:
             raise directive.error(f'invalid address "{text}": missing port (use HOST:PORT or :PORT)')
         if ":" in host:
             raise directive.error(f'invalid address "{text}": too many colons (write IPv6 as [ADDRESS]:PORT)')
-    if not port.isdigit() or int(port) > 65535:
+    if not (port.isascii() and port.isdigit()) or int(port) > 65535:
         raise directive.error(f'invalid address "{text}": invalid port "{port}"')
     return text
 
@@ -73,7 +73,7 @@ def split_address(address: str, default_port: int) -> tuple[str | None, int]:
         host, port = address.split(":")
     elif address.count(":") > 1:
         host = address  # a bare IPv6 address
-    if port and not port.isdigit():
+    if port and not (port.isascii() and port.isdigit()):
         raise ValueError(f'invalid port in address "{address}"')
     number = int(port) if port else default_port
     if number > 65535:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import socket
 from typing import Any
 
-from dnslib import EDNS0, DNSHeader, DNSRecord
+from dnslib import EDNS0, DNSHeader, DNSLabel, DNSQuestion, DNSRecord
 
 from resolver import wire
 from resolver.wire import Question
@@ -87,8 +87,22 @@ class Request:
         return self.wire[wire.HEADER_SIZE : self.question.end]
 
     @property
+    def labels(self) -> tuple[bytes, ...]:
+        """The query name's labels exactly as sent (letter case and any bytes kept)."""
+        return wire.name_labels(self.wire)
+
+    @property
+    def name(self) -> DNSLabel:
+        """The query name, lower case, for owner names of records a plugin builds.
+
+        Built from the wire labels, not from ``qname``: a label may hold a dot or bytes
+        that are not text, and the escaped text form would not survive a round trip.
+        """
+        return DNSLabel(tuple(label.lower() for label in self.labels))
+
+    @property
     def qname(self) -> str:
-        """The query name, lower case, with a final dot."""
+        """The query name, lower case, with a final dot (dots inside labels escaped)."""
         if self._qname is None:
             self._qname = wire.name_text(self.wire)
         return self._qname
@@ -124,21 +138,23 @@ class Request:
     def reply(self, rcode: int = wire.NOERROR, authoritative: bool = False) -> DNSRecord:
         """An empty response to this query, ready for a plugin to fill in.
 
-        ID, opcode, RD and CD come from the query and the question is the client's own
-        (its letter case too, which dnslib keeps), so 0x20-randomising clients accept it.
-        EDNS is reflected when the query used it, with the DO bit mirrored.
+        Built from the raw query, without parsing it with dnslib: ID, opcode, RD and CD
+        come from the header and the question is the client's own labels (letter case
+        too, so 0x20-randomising clients accept it; any bytes too). EDNS is reflected
+        when the query used it, with the DO bit mirrored.
         """
-        query = self.message
+        query = self.wire
         header = DNSHeader(
-            id=query.header.id,
+            id=(query[0] << 8) | query[1],
             qr=1,
-            opcode=query.header.opcode,
+            opcode=(query[2] >> 3) & 0x0F,
             aa=int(authoritative),
-            rd=query.header.rd,
+            rd=query[2] & 0x01,
             rcode=rcode & 0x0F,
         )
-        header.cd = query.header.cd
-        response = DNSRecord(header, questions=list(query.questions))
+        header.cd = (query[3] >> 4) & 0x01
+        question = DNSQuestion(DNSLabel(self.labels), self.question.qtype, self.question.qclass)
+        response = DNSRecord(header, questions=[question])
         if self.edns:
             response.add_ar(
                 EDNS0(udp_len=wire.ADVERTISED_UDP_SIZE, flags="do" if self.do else "", ext_rcode=rcode >> 4)

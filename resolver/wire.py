@@ -165,6 +165,16 @@ def _edns_from_records(wire: bytes, offset: int) -> tuple[bool, int, bool, int]:
     return edns, udp_size, do, version
 
 
+def name_labels(wire: bytes, start: int = HEADER_SIZE) -> tuple[bytes, ...]:
+    """The labels of the uncompressed name at ``start``, exactly as sent (any bytes, any case)."""
+    labels = []
+    offset = start
+    while length := wire[offset]:
+        labels.append(wire[offset + 1 : offset + 1 + length])
+        offset += 1 + length
+    return tuple(labels)
+
+
 def name_text(wire: bytes, start: int = HEADER_SIZE) -> str:
     """The uncompressed name at ``start`` as lower-case presentation text with a final dot.
 

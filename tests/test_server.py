@@ -249,22 +249,29 @@ async def test_plugin_exception_becomes_servfail_and_is_counted(start_server: St
     packet=st.one_of(
         st.binary(max_size=600),
         # Mostly-valid headers (QUERY, one question) so the body parsers get exercised.
-        st.binary(min_size=12, max_size=60).map(lambda b: b[:2] + b"\x01\x00\x00\x01" + b[6:]),
+        st.binary(min_size=12, max_size=600).map(lambda b: b[:2] + b"\x01\x00\x00\x01" + b[6:]),
     )
 )
 def test_random_packets_never_raise_and_any_reply_is_a_response(packet: bytes) -> None:
-    """Property: whatever the bytes, handling them raises nothing, and a reply (if any)
-    carries the query's ID with QR set. Runs ``Listener.handle`` directly, no sockets,
-    so hypothesis can try many inputs quickly; the test below does it over sockets."""
+    """Property: whatever the bytes, handling them raises nothing, no plugin fails on
+    them (no panic), and a reply (if any) carries the query's ID with QR set and parses.
+    Runs ``Listener.handle`` directly, no sockets, so hypothesis can try many inputs
+    quickly; the test below does it over sockets."""
 
     async def scenario() -> None:
         config = load(WHOAMI, "Corefile", TEST_REGISTRY, default_port=0)
-        listener = Listener(Server(), LOOPBACK, 0, Router({".": config.blocks[0]}))
+        server = Server(config.runtime)
+        listener = Listener(server, LOOPBACK, 0, Router({".": config.blocks[0]}))
         replies: list[bytes] = []
-        listener.handle(packet, (LOOPBACK, 5353), "udp", lambda data, _addr: replies.append(data))
+        task = listener.handle(packet, (LOOPBACK, 5353), "udp", lambda data, _addr: replies.append(data))
+        if task is not None:
+            await task
+            await asyncio.sleep(0)  # let the done callback deliver
         for reply in replies:
             assert reply[:2] == packet[:2]
             assert reply[2] & 0x80
+            dns.message.from_wire(reply)
+        assert server.stats.panics == 0
 
     asyncio.run(scenario())
 
@@ -357,25 +364,6 @@ async def test_shutdown_gives_up_after_the_grace_period(start_server: StartServe
     await asyncio.wait_for(running.server.shutdown(), timeout=5)
     assert not running.server.in_flight
     pending.cancel()
-
-
-async def test_chain_that_never_waits_creates_no_task(start_server: StartServer) -> None:
-    running = await start_server(WHOAMI)
-    created: list[object] = []
-    loop = asyncio.get_running_loop()
-    original = loop.create_task
-
-    def counting(coro, **kwargs):  # type: ignore[no-untyped-def]
-        created.append(coro)
-        return original(coro, **kwargs)
-
-    loop.create_task = counting  # type: ignore[method-assign]
-    try:
-        replies = [await raw_udp(running.port, query_bytes(f"n{i}.example.", qid=i)) for i in range(5)]
-    finally:
-        loop.create_task = original  # type: ignore[method-assign]
-    assert all(reply is not None for reply in replies)
-    assert not [coro for coro in created if "_finish" in repr(coro)]
 
 
 async def test_apply_swaps_configuration_on_the_same_port(start_server: StartServer) -> None:

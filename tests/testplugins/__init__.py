@@ -21,6 +21,7 @@ ORDER: tuple[str, ...] = (
     "big",
     "manyrecords",
     "slowstop",
+    "contexts",
     "erratic",
     "notready",
     "whoami",
