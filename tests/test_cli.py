@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import dns.exception
 import dns.message
 import dns.query
 import dns.rcode
@@ -219,3 +220,50 @@ def test_example_corefile_loads() -> None:
     config = load((root / "Corefile.example").read_text(), "Corefile.example", Registry.default())
     assert [str(key) for key in config.blocks[0].keys] == [".:1053"]
     assert os.path.exists(root / "README.md")
+
+
+def test_dns_port_out_of_range_is_a_usage_error() -> None:
+    for port in ("70000", "-5", "53a"):
+        result = run("-dns.port", port, "-conf", "stdin", stdin=". {\n whoami\n}\n")
+        assert result.returncode == 2, port
+        assert f'invalid port "{port}"' in result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_unwritable_pidfile_is_one_line(tmp_path: Path) -> None:
+    corefile = tmp_path / "Corefile"
+    corefile.write_text(".:0 {\n bind 127.0.0.1\n whoami\n}\n")
+    result = run("-conf", str(corefile), "-pidfile", str(tmp_path / "missing" / "x.pid"))
+    assert result.returncode == 1
+    assert result.stderr.strip().startswith(f"cannot write pidfile {tmp_path / 'missing' / 'x.pid'}:")
+    assert "Traceback" not in result.stderr
+
+
+def test_stdin_that_is_not_utf8_is_one_line() -> None:
+    proc = subprocess.run([*COMMAND, "-conf", "stdin"], input=b". {\n \xff\n}\n", capture_output=True, timeout=30)
+    assert proc.returncode == 1
+    assert proc.stderr.decode().strip() == "stdin: the Corefile is not UTF-8 text"
+
+
+def test_quiet_prints_no_banner_and_default_corefile_is_read(tmp_path: Path) -> None:
+    import socket as sockets
+
+    with sockets.socket(sockets.AF_INET, sockets.SOCK_DGRAM) as probe:  # a free port to name
+        probe.bind((LOOPBACK, 0))
+        port = probe.getsockname()[1]
+    (tmp_path / "Corefile").write_text(f".:{port} {{\n bind 127.0.0.1\n whoami\n}}\n")
+    proc = subprocess.Popen([*COMMAND, "-quiet"], cwd=tmp_path, stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                reply = dns.query.udp(dns.message.make_query("x.example.", "A"), LOOPBACK, port=port, timeout=0.5)
+                break
+            except (OSError, dns.exception.Timeout):
+                assert time.monotonic() < deadline, "the default ./Corefile was not served"
+        assert reply.rcode() == dns.rcode.NOERROR
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=15)
+    assert proc.returncode == 0
+    assert "corefile-resolver-" not in output and f".:{port}" not in output

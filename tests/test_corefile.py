@@ -171,6 +171,13 @@ ERROR_CASES = [
     ("empty Corefile", "# nothing here\n", 1, "no server blocks"),
     ("block opened on its own line", ". {\n whoami\n {\n}\n", 3, 'unexpected "{"'),
     ("second block missing brace", ". {\n whoami\n}\nexample.org\n", 4, 'expected "{" after the server block keys'),
+    ("empty quoted key", '"" {\n whoami\n}\n', 1, "empty server block key"),
+    ("key that is only a comma", ", {\n whoami\n}\n", 1, "empty server block key"),
+    ("non-ASCII digit port", "example.org:\u00b2 {\n whoami\n}\n", 1, "invalid port"),
+    ("two ports", "example.org:53:54 {\n whoami\n}\n", 1, 'invalid zone name "example.org:53:54"'),
+    ("bracketed address as key", "[::1]:53 {\n whoami\n}\n", 1, "invalid zone name"),
+    ("blocks nested too deep", ". {\n" + "x {\n" * 100 + "}\n" * 101, 66, "blocks nested more than 64 deep"),
+    ("snippet imported twice", "(s) {\n whoami\n}\n. {\n import s\n import s\n}\n", 2, "whoami: given twice"),
 ]
 
 
@@ -214,3 +221,10 @@ def test_real_registry_lists_whoami() -> None:
     registry = Registry.default()
     assert "whoami" in registry
     assert registry.suggest("whoam") == "whoami"
+
+
+def test_import_of_a_file_that_is_not_utf8(tmp_path: Path) -> None:
+    (tmp_path / "binary.conf").write_bytes(b"\xff\xfe whoami\n")
+    with pytest.raises(CorefileError) as caught:
+        parse(". {\n import binary.conf\n}\n", "Corefile", directory=tmp_path)
+    assert str(caught.value) == 'Corefile:2: import: "' + str(tmp_path / "binary.conf") + '" is not UTF-8 text'
