@@ -130,7 +130,7 @@ class Reload(Plugin):
     async def start(self) -> None:
         watcher = self.runtime.shared(self.name, lambda: Watcher(self.runtime))
         if self.runtime.corefile is None:
-            log.warning("the Corefile was read from stdin: it cannot be watched for changes")
+            log.warning("the Corefile was not read from a file (stdin): it cannot be watched for changes")
         watcher.register(self)
 
     async def stop(self) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
@@ -210,16 +209,6 @@ def test_python_dash_m_and_console_script_agree() -> None:
         subprocess.run([str(script), "-version"], capture_output=True, text=True, timeout=30).stdout
         == run("-version").stdout
     )
-
-
-def test_example_corefile_loads() -> None:
-    root = Path(__file__).resolve().parent.parent
-    from resolver.config import load
-    from resolver.plugin import Registry
-
-    config = load((root / "Corefile.example").read_text(), "Corefile.example", Registry.default())
-    assert [str(key) for key in config.blocks[0].keys] == [".:1053"]
-    assert os.path.exists(root / "README.md")
 
 
 def test_dns_port_out_of_range_is_a_usage_error() -> None:
