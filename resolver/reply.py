@@ -28,6 +28,7 @@ class Reply:
         wire: bytes | None = None,
         plugin: str = "",
         error: str | None = None,
+        client_specific: bool = False,
     ) -> None:
         if message is None and wire is None:
             raise ValueError("a Reply needs a message or wire bytes")
@@ -35,6 +36,9 @@ class Reply:
         self._wire = wire
         self.plugin = plugin  # the ``plugin`` label of coredns_dns_responses_total
         self.error = error  # what went wrong, for the errors plugin; None on success
+        #: The answer depends on who asked (autopath expanded the name with the client's
+        #: search path): a cache may reuse it only for the same client address.
+        self.client_specific = client_specific
 
     @property
     def wire(self) -> bytes:
