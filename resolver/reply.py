@@ -19,7 +19,7 @@ from resolver import wire
 class Reply:
     """A response on its way back to the client, with who wrote it and why."""
 
-    __slots__ = ("_message", "_wire", "error", "plugin")
+    __slots__ = ("_message", "_wire", "client_specific", "error", "plugin")
 
     def __init__(
         self,

@@ -416,9 +416,14 @@ class Server:
     def _complete(self, task: asyncio.Task[Any], req: Request, send: SendTo) -> None:
         if task.cancelled():
             return  # shut down past the grace period: the client will retry elsewhere
-        exc = task.exception()
-        reply = task.result() if exc is None else self.failed(req, exc)  # type: ignore[arg-type]
-        self.deliver(req, reply, send)
+        try:
+            exc = task.exception()
+            reply = task.result() if exc is None else self.failed(req, exc)  # type: ignore[arg-type]
+            self.deliver(req, reply, send)
+        except Exception:  # the last line of defence: a bug here must still get an answer out
+            self.stats.panics += 1
+            log.exception("Recovered from panic in server while answering %r", req)
+            send(wire.error_reply(req.wire, wire.SERVFAIL, req.question.end, req.edns, req.do), req.client)
 
     def failed(self, req: Request, exc: Exception) -> Reply:
         """The reply for a chain that raised: FORMERR for unparseable input, else SERVFAIL."""

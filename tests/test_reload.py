@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import socket
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,12 @@ from tests.conftest import StartServer
 from tests.test_cli import Process, processes  # noqa: F401 - the fixture is used by name
 
 REGISTRY = Registry.default()
+
+
+def free_tcp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def test_interval_and_jitter_limits() -> None:
@@ -48,17 +56,24 @@ def test_changed_corefile_is_served_and_a_broken_one_is_not(tmp_path: Path, proc
     )
     assert not process.query("example.org").answer  # whoami answers in the additional section
 
-    changed = f".:{process.port} {{\n bind 127.0.0.1\n reload 2s 1s\n erratic\n}}\n"
+    metrics_port = free_tcp_port()
+    changed = (
+        f".:{process.port} {{\n bind 127.0.0.1\n reload 2s 1s\n prometheus 127.0.0.1:{metrics_port}\n erratic\n}}\n"
+    )
     corefile.write_text(changed)
     process.wait_for_line(r"^\[INFO\] Reloading$", timeout=15)
     process.wait_for_line(rf"Running configuration SHA512 = {hashlib.sha512(changed.encode()).hexdigest()}$")
     process.wait_for_line(r"^\[INFO\] Reloading complete$")
     assert process.query("example.org").answer[0][0].address == "192.0.2.53"
 
-    corefile.write_text(f".:{process.port} {{\n bind 127.0.0.1\n reload 2s 1s\n erratic\n cahce\n}}\n")
+    corefile.write_text(changed.replace(" erratic\n", " erratic\n cahce\n"))
     failure = process.wait_for_line(r"^\[ERROR\] reload failed, keeping the running configuration: (.*)$", timeout=15)
-    assert failure.group(1) == f'{corefile}:5: unknown directive "cahce"'
+    assert failure.group(1).startswith(f'{corefile}:6: unknown directive "cahce"')
     assert process.query("example.org").answer[0][0].address == "192.0.2.53"
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+    assert "coredns_reload_failed_total 1.0" in metrics
+    sha512 = hashlib.sha512(changed.encode()).hexdigest()
+    assert f'coredns_reload_version_info{{hash="sha512",value="{sha512}"}} 1.0' in metrics
     # The broken file is not retried at every interval: no second error line appears.
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:

@@ -148,3 +148,15 @@ async def test_ipv6_reverse_zone_from_a_cidr_key(start_server: StartServer) -> N
     outside = dns.name.from_text("1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.1.0.0.0.0.0.0.0.0.0.0.0.0.0.d.f.ip6.arpa.")
     assert (await running.udp(inside.to_text(), "PTR")).rcode() == dns.rcode.NOERROR
     assert (await running.udp(outside.to_text(), "PTR")).rcode() == dns.rcode.REFUSED
+
+
+async def test_a_bug_while_delivering_still_gets_the_client_a_servfail(start_server: StartServer) -> None:
+    running = await start_server(". {\n bind 127.0.0.1\n whoami\n}\n")
+
+    def broken_deliver(*_args: object) -> None:
+        raise RuntimeError("a bug in the reply path")
+
+    running.server.deliver = broken_deliver  # type: ignore[method-assign]
+    raw = await raw_udp(running.port, query_bytes("bug.example.", qid=3))
+    assert raw is not None and raw[:2] == b"\x00\x03" and rcode_of(raw) == dns.rcode.SERVFAIL
+    assert running.server.stats.panics == 1
