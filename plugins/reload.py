@@ -5,18 +5,20 @@ Syntax::
     reload [INTERVAL] [JITTER]
 
 Every INTERVAL (default 30s, at least 2s), shifted once by a random amount within
-JITTER (default 15s, at least 1s, at most half the interval) so that a fleet of
+JITTER (default 15s; 0, or at least 1s; at most half the interval) so that a fleet of
 replicas does not reload in step, the Corefile is read and its SHA512 compared with the
-running one. On a change the process reloads: the new configuration is parsed, set up
-and started next to the old one, queries switch over at once, and the old plugins stop
-after the queries they were answering are done. A Corefile that fails to load is
-logged, counted in ``coredns_reload_failed_total``, and not retried until it changes
-again; the running configuration keeps serving. SIGUSR1 reloads at once whether or not
-this plugin is used. Only the Corefile itself is hashed (as in CoreDNS): a change in an
-imported file alone is picked up at the next change of the Corefile or by SIGUSR1.
+running one. The hash is taken over the parsed Corefile (imports and environment
+expanded; comments and layout ignored), as CoreDNS does. On a change the process
+reloads: the new configuration is parsed, set up and started next to the old one,
+queries switch over at once, and the old plugins stop after the queries they were
+answering are done. A Corefile that fails to load is
+logged, counted in ``coredns_reload_failed_total``, and tried again only when the file
+changes again; the running configuration keeps serving. SIGUSR1 reloads at once whether
+or not this plugin is used.
 
 Log lines (CoreDNS's): ``[INFO] plugin/reload: Running configuration SHA512 = <hex>``
-at start and after each reload. Metric: ``coredns_reload_version_info{hash,value}``.
+once a configuration serves (at start and after each reload that worked).
+Metric: ``coredns_reload_version_info{hash,value}``.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import random
 from pathlib import Path
 
 from resolver.config import Config, ServerBlock
-from resolver.corefile import Directive
+from resolver.corefile import CorefileError, Directive, canonical, parse
 from resolver.logs import plugin_logger
 from resolver.plugin import Plugin, expect_args, parse_duration
 from resolver.runtime import Runtime
@@ -54,12 +56,16 @@ class Watcher:
         self.runtime = runtime
         self.instances: list[Reload] = []
         self.task: asyncio.Task[None] | None = None
-        self.failed_sha512 = ""  # a broken Corefile is tried once, then not until it changes
+        # The hash of the Corefile at the previous look. A reload is asked for when the file
+        # differs from both this and the running configuration, so a broken file is tried
+        # once, and again whenever it changes (a revert and a second try included).
+        self.last_seen = ""
+        self.announced: Config | None = None
 
     def register(self, instance: Reload) -> None:
-        if not any(other.config is instance.config for other in self.instances):
-            instance.announce()
         self.instances.append(instance)
+        if not self.last_seen:
+            self.last_seen = self.runtime.config_sha512 or (instance.config.sha512 if instance.config else "")
         if self.task is None and self.runtime.corefile is not None:
             self.task = asyncio.get_running_loop().create_task(self._watch(Path(self.runtime.corefile)))
 
@@ -80,14 +86,28 @@ class Watcher:
             except (OSError, UnicodeDecodeError) as exc:
                 log.warning("cannot read %s: %s", path, exc)
                 continue
-            sha512 = hashlib.sha512(text.encode()).hexdigest()
-            if sha512 in (self.runtime.config_sha512, self.failed_sha512):
-                continue
-            # Remembered in case the reload fails; a reload that works changes
-            # config_sha512 to this value, so either way it is not tried again.
-            self.failed_sha512 = sha512
-            if self.runtime.request_reload is not None:
+            if self.should_reload(parsed_sha512(text, path)) and self.runtime.request_reload is not None:
                 self.runtime.request_reload()
+
+    def should_reload(self, sha512: str) -> bool:
+        """Whether a Corefile with this hash, just read, calls for a reload."""
+        if sha512 == self.last_seen:
+            return False  # unchanged since the previous look (even if that reload failed)
+        self.last_seen = sha512
+        return sha512 != self.runtime.config_sha512
+
+
+def parsed_sha512(text: str, path: Path) -> str:
+    """The hash a configuration made from ``text`` would have (see ``corefile.canonical``).
+
+    A file that does not parse gets a hash of its text, so that the reload is attempted
+    and the error is logged and counted like any failed reload.
+    """
+    try:
+        blocks = parse(text, str(path), directory=path.parent)
+    except CorefileError:
+        return hashlib.sha512(b"unparsable\n" + text.encode()).hexdigest()
+    return hashlib.sha512(canonical(blocks).encode()).hexdigest()
 
 
 class Reload(Plugin):
@@ -112,8 +132,8 @@ class Reload(Plugin):
         if interval < MIN_INTERVAL:
             raise directive.error(f"interval value must be greater or equal to {MIN_INTERVAL:g}s")
         jitter = parse_duration(args[1], directive) if len(args) > 1 else DEFAULT_JITTER
-        if jitter < MIN_JITTER:
-            raise directive.error(f"jitter value must be greater or equal to {MIN_JITTER:g}s")
+        if 0 < jitter < MIN_JITTER:
+            raise directive.error(f"jitter value must be 0 or greater or equal to {MIN_JITTER:g}s")
         jitter = min(jitter, interval / 2)
         return cls(interval + random.uniform(-jitter / 2, jitter / 2), block.runtime, block.config)
 
@@ -132,6 +152,13 @@ class Reload(Plugin):
         if self.runtime.corefile is None:
             log.warning("the Corefile was not read from a file (stdin): it cannot be watched for changes")
         watcher.register(self)
+
+    async def serving(self) -> None:
+        """Announce the configuration once it really serves (never one that failed to load)."""
+        watcher = self.runtime.shared(self.name, lambda: Watcher(self.runtime))
+        if watcher.announced is not self.config:
+            watcher.announced = self.config
+            self.announce()
 
     async def stop(self) -> None:
         await self.runtime.shared(self.name, lambda: Watcher(self.runtime)).unregister(self)

@@ -144,6 +144,13 @@ async def serve(config: Config, args: argparse.Namespace, registry: Registry) ->
     received: list[str] = []
 
     def on_stop(signame: str) -> None:
+        if received:
+            # A second signal while draining (a long lameduck, say): leave now, as
+            # CoreDNS does, with status 2.
+            log.info("%s: Force quit", signame)
+            if args.pidfile:
+                Path(args.pidfile).unlink(missing_ok=True)
+            os._exit(2)
         received.append(signame)
         stop.set()
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from resolver import wire
-from resolver.corefile import CorefileError, ServerBlockSpec, Token, parse
+from resolver.corefile import CorefileError, ServerBlockSpec, Token, canonical, parse
 from resolver.plugin import Handler, Plugin, Registry
 from resolver.reply import Reply
 from resolver.request import Request
@@ -156,15 +156,17 @@ async def end_of_chain(req: Request) -> Reply:
 class Config:
     """A whole Corefile, set up: blocks in file order plus the text it came from."""
 
-    def __init__(self, blocks: list[ServerBlock], text: str, file: str, runtime: Runtime) -> None:
+    def __init__(self, blocks: list[ServerBlock], text: str, file: str, runtime: Runtime, canonical: str = "") -> None:
         self.blocks = blocks
         self.text = text
         self.file = file
         self.runtime = runtime
+        self.canonical = canonical or text  # the parsed form (see corefile.canonical)
 
     @property
     def sha512(self) -> str:
-        return hashlib.sha512(self.text.encode()).hexdigest()
+        """Hash of the parsed Corefile: what reload compares and logs."""
+        return hashlib.sha512(self.canonical.encode()).hexdigest()
 
     def plugins(self) -> Iterator[Plugin]:
         for block in self.blocks:
@@ -200,7 +202,7 @@ def load(
     if not blocks:
         raise CorefileError(file, 1, "no server blocks: the Corefile is empty")
     _check_duplicates(blocks)
-    config = Config(blocks, text, file, runtime)
+    config = Config(blocks, text, file, runtime, canonical(specs))
     for block in blocks:
         block.config = config
     for block in blocks:

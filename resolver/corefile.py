@@ -396,3 +396,24 @@ def iter_directives(directives: list[Directive]) -> Iterator[Directive]:
     for directive in directives:
         yield directive
         yield from iter_directives(directive.children)
+
+
+def canonical(blocks: list[ServerBlockSpec]) -> str:
+    """The parsed Corefile as one text: imports and environment expanded, comments,
+    layout and quoting gone. Its hash says whether a reload would change anything (an
+    edit to an imported file does; a comment does not), as CoreDNS's reload compares."""
+    lines: list[str] = []
+
+    def emit(directives: list[Directive], depth: int) -> None:
+        for directive in directives:
+            lines.append("  " * depth + " ".join(repr(word) for word in (directive.name, *directive.args)))
+            if directive.block is not None:
+                lines.append("  " * depth + "{")
+                emit(directive.block, depth + 1)
+                lines.append("  " * depth + "}")
+
+    for block in blocks:
+        lines.append(" ".join(repr(key.text) for key in block.keys) + " {")
+        emit(block.directives, 1)
+        lines.append("}")
+    return "\n".join(lines) + "\n"

@@ -12,12 +12,14 @@ plugins does not pay its import time at startup.
 
 from __future__ import annotations
 
+import logging
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from resolver.corefile import Directive
+from resolver.logs import quiet_http_errors
 
 Handler = Callable[[Any], Awaitable[Any]]  # aiohttp.web.Request -> aiohttp.web.Response
 
@@ -89,10 +91,17 @@ class HTTPEndpoints:
 
     async def add(self, address: str, path: str, handler: Handler, default_port: int) -> Route:
         host, port = split_address(address, default_port)
-        key = f"{host or ''}:{port}"
+        try:
+            family, bind_host = bind_target(host, port)
+        except OSError as exc:
+            raise EndpointError(f"cannot listen on {address}: {exc.strerror or exc}") from None
+        # Keyed by what is bound, not by how it was written: "localhost:9153" and
+        # "127.0.0.1:9153" (or ":9153" and "0.0.0.0:9153") are one site, so a reload that
+        # only rewrites the address reuses the socket instead of failing to bind it twice.
+        key = f"{bind_host}:{port}"
         site = self._sites.get(key)
         if site is None:
-            site = await self._open(host, port, address)
+            site = await self._open(family, bind_host, port, address)
             self._sites[key] = site
         route = Route(key, path, handler, site.port)
         site.routes.setdefault(path, []).append(route)
@@ -116,8 +125,10 @@ class HTTPEndpoints:
             await site.runner.cleanup()
         self._sites.clear()
 
-    async def _open(self, host: str | None, port: int, address: str) -> _Site:
+    async def _open(self, family: socket.AddressFamily, bind_host: str, port: int, address: str) -> _Site:
         from aiohttp import web
+
+        quiet_http_errors(logging.getLogger("aiohttp.server"))
 
         site_state: dict[str, _Site] = {}
 
@@ -127,10 +138,10 @@ class HTTPEndpoints:
                 return web.Response(status=404, text="404 page not found\n")
             return await routes[-1].handler(request)  # the newest configuration answers
 
-        runner = web.ServerRunner(web.Server(dispatch), handle_signals=False, access_log=None)
+        runner = web.ServerRunner(web.Server(dispatch, access_log=None), handle_signals=False)
         await runner.setup()
         try:
-            sock = _bind(host, port)
+            sock = _bind(family, bind_host, port)
         except OSError as exc:
             await runner.cleanup()
             raise EndpointError(f"cannot listen on {address}: {exc.strerror or exc}") from None
@@ -141,16 +152,29 @@ class HTTPEndpoints:
         return site
 
 
-def _bind(host: str | None, port: int) -> socket.socket:
-    """A listening socket: dual-stack ``::`` for "every address" (IPv4 only if the host
-    has no IPv6), else the first address the host name resolves to."""
-    if host in (None, "", "0.0.0.0", "::"):
+WILDCARD = "*"
+
+
+def bind_target(host: str | None, port: int) -> tuple[socket.AddressFamily, str]:
+    """What to bind for a host: ``*`` for every address, else one IP address. A host name
+    is resolved preferring IPv4, as Go's listener does, so ``localhost:9153`` is reachable
+    on 127.0.0.1 even where ``/etc/hosts`` lists ``::1`` first."""
+    if host in (None, "", "0.0.0.0", "::", "*"):
+        return socket.AF_INET6, WILDCARD
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    family, _type, _proto, _name, sockaddr = next((i for i in infos if i[0] == socket.AF_INET), infos[0])
+    return family, str(sockaddr[0])
+
+
+def _bind(family: socket.AddressFamily, bind_host: str, port: int) -> socket.socket:
+    """A listening socket: dual-stack ``::`` for every address (IPv4 only if the host has
+    no IPv6), else the address itself."""
+    if bind_host == WILDCARD:
         try:
             return _listen(socket.AF_INET6, "::", port, dual_stack=True)
         except OSError:
             return _listen(socket.AF_INET, "0.0.0.0", port)
-    family, _type, _proto, _name, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-    return _listen(family, sockaddr[0], port)
+    return _listen(family, bind_host, port)
 
 
 def _listen(family: socket.AddressFamily, host: str, port: int, dual_stack: bool = False) -> socket.socket:

@@ -63,6 +63,11 @@ class Plugin:
         been answered (or the shutdown grace period has passed).
         """
 
+    async def serving(self) -> None:
+        """Called once this plugin's configuration answers queries (after a reload's swap,
+        so never for a configuration that failed to load): the place to announce it, or to
+        send queries through the server itself (loop's probes)."""
+
     async def before_shutdown(self) -> None:
         """Called on SIGTERM while queries are still answered (health's lameduck waits here)."""
 

@@ -494,6 +494,8 @@ class Server:
             retire = asyncio.get_running_loop().create_task(self._retire(old, set(self.in_flight), dropped))
             self.retiring.add(retire)
             retire.add_done_callback(self.retiring.discard)
+        for plugin in config.plugins():
+            await _quietly(plugin.serving())
         for hook in self.on_configured:
             await hook(config)
 
@@ -568,11 +570,11 @@ class Server:
         self.stopped.set()
 
 
-async def _quietly(stopping: Awaitable[None]) -> None:
+async def _quietly(hook: Awaitable[None]) -> None:
     try:
-        await stopping
+        await hook
     except Exception:
-        log.exception("error while stopping a plugin")
+        log.exception("error in a plugin's lifecycle hook")
 
 
 def _bind_socket(family: socket.AddressFamily, kind: socket.SocketKind, host: str, port: int) -> socket.socket:

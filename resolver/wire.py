@@ -14,6 +14,7 @@ RCODE, the EDNS version and the DO flag.
 
 from __future__ import annotations
 
+import re
 import struct
 from typing import NamedTuple
 
@@ -175,12 +176,17 @@ def name_labels(wire: bytes, start: int = HEADER_SIZE) -> tuple[bytes, ...]:
     return tuple(labels)
 
 
+_SPECIAL = re.compile(rb"[^\x21-\x7e]|[\\\"();@$]")  # escaped in presentation format (and ".")
+
+
 def name_text(wire: bytes, start: int = HEADER_SIZE) -> str:
     """The uncompressed name at ``start`` as lower-case presentation text with a final dot.
 
     Lower-casing touches ASCII letters only, as DNS case-insensitivity does (RFC 4343).
-    Dots and backslashes inside a label are escaped so that the text splits into the same
-    labels again.
+    Special characters inside a label are escaped as in zone files and CoreDNS's logs
+    (``\\.``, ``\\\\``, and ``\\DDD`` for bytes outside printable ASCII), so the
+    text splits into the same labels again and a query name can never inject a newline
+    or other control character into a log line.
     """
     labels = []
     offset = start
@@ -188,14 +194,26 @@ def name_text(wire: bytes, start: int = HEADER_SIZE) -> str:
         length = wire[offset]
         if length == 0:
             break
-        label = wire[offset + 1 : offset + 1 + length].lower()
-        if b"." in label or b"\\" in label:
-            label = label.replace(b"\\", b"\\\\").replace(b".", b"\\.")
-        labels.append(label)
+        labels.append(wire[offset + 1 : offset + 1 + length].lower())
         offset += 1 + length
     if not labels:
         return "."
-    return b".".join(labels).decode("latin-1") + "."
+    joined = b".".join(labels)
+    # Common case, one regex pass: no dot inside any label and nothing else to escape.
+    if joined.count(b".") == len(labels) - 1 and _SPECIAL.search(joined) is None:
+        return joined.decode("ascii") + "."
+    return ".".join(_escape_label(label) for label in labels) + "."
+
+
+def _escape_label(label: bytes) -> str:
+    out = []
+    for byte in label:
+        if 0x21 <= byte <= 0x7E:
+            char = chr(byte)
+            out.append("\\" + char if char in '.\\"();@$' else char)
+        else:
+            out.append(f"\\{byte:03d}")
+    return "".join(out)
 
 
 def opt_record(rcode: int = 0, do: bool = False) -> bytes:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -36,7 +37,8 @@ class Process:
             text=True,
         )
         self.lines: list[str] = []
-        self.matched: set[int] = set()  # indexes of lines an earlier wait already returned
+        self.matched: set[int] = set()
+        self.signalled = False  # indexes of lines an earlier wait already returned
         self.port = int(self.wait_for_line(r"^\.:(\d+)$").group(1))
 
     def wait_for_line(self, pattern: str, timeout: float = 10) -> re.Match[str]:
@@ -63,8 +65,13 @@ class Process:
     def query(self, name: str, rdtype: str = "A", timeout: float = 3) -> dns.message.Message:
         return dns.query.udp(dns.message.make_query(name, rdtype), LOOPBACK, port=self.port, timeout=timeout)
 
+    def signal(self, signum: int) -> None:
+        """Send a signal; ``stop`` then does not send another (a second one forces quit)."""
+        self.signalled = True
+        self.proc.send_signal(signum)
+
     def stop(self) -> int:
-        if self.proc.poll() is None:
+        if self.proc.poll() is None and not self.signalled:
             self.proc.send_signal(signal.SIGTERM)
         try:
             return self.proc.wait(timeout=15)
@@ -161,17 +168,18 @@ def test_serves_from_stdin_and_default_port_flag(tmp_path: Path) -> None:
 
 def test_sigterm_answers_the_query_in_flight_then_exits_0(tmp_path: Path, processes: list[Process]) -> None:
     corefile = tmp_path / "Corefile"
-    corefile.write_text(".:0 {\n bind 127.0.0.1\n erratic {\n  delay 1 1s\n }\n}\n")
+    corefile.write_text(".:0 {\n bind 127.0.0.1\n erratic {\n  delay 2 2s\n }\n}\n")  # every 2nd query waits 2s
     pidfile = tmp_path / "resolver.pid"
     process = Process(corefile, "-pidfile", str(pidfile))
     processes.append(process)
     assert int(pidfile.read_text()) == process.proc.pid
+    assert process.query("warm-up.example.").answer  # query 1: answered at once, the server is up
     query = dns.message.make_query("slow.example.", "A")
-    with __import__("socket").socket(__import__("socket").AF_INET, __import__("socket").SOCK_DGRAM) as client:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
         client.settimeout(5)
-        client.sendto(query.to_wire(), (LOOPBACK, process.port))
-        time.sleep(0.2)  # let the query reach the server before the signal does
-        process.proc.send_signal(signal.SIGTERM)
+        client.sendto(query.to_wire(), (LOOPBACK, process.port))  # query 2: delayed 2s
+        time.sleep(0.5)  # let it reach the server (well inside its 2s) before the signal does
+        process.signal(signal.SIGTERM)
         reply = dns.message.from_wire(client.recv(4096))
     assert reply.id == query.id and reply.answer[0][0].address == "192.0.2.53"
     assert process.stop() == 0
@@ -257,3 +265,16 @@ def test_quiet_prints_no_banner_and_default_corefile_is_read(tmp_path: Path) -> 
         output, _ = proc.communicate(timeout=15)
     assert proc.returncode == 0
     assert "corefile-resolver-" not in output and f".:{port}" not in output
+
+
+def test_a_second_signal_during_lameduck_forces_the_exit(tmp_path: Path, processes: list[Process]) -> None:
+    corefile = tmp_path / "Corefile"
+    corefile.write_text(".:0 {\n bind 127.0.0.1\n health 127.0.0.1:0 {\n  lameduck 30s\n }\n whoami\n}\n")
+    process = Process(corefile)
+    processes.append(process)
+    process.signal(signal.SIGTERM)
+    process.wait_for_line(r"Going into lameduck mode for 30s")
+    assert process.query("example.org").rcode() == dns.rcode.NOERROR  # still serving in lameduck
+    process.proc.send_signal(signal.SIGINT)
+    assert process.proc.wait(timeout=10) == 2
+    process.wait_for_line(r"^\[INFO\] SIGINT: Force quit$")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import socket
 import time
 import urllib.request
@@ -10,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from plugins.reload import Reload, Watcher
+from plugins.reload import Reload, Watcher, parsed_sha512
 from resolver.config import load
 from resolver.corefile import CorefileError
 from resolver.plugin import Registry
+from resolver.runtime import Runtime
 from tests.conftest import StartServer
 from tests.test_cli import Process, processes  # noqa: F401 - the fixture is used by name
 
@@ -29,7 +29,7 @@ def free_tcp_port() -> int:
 def test_interval_and_jitter_limits() -> None:
     for text, problem in (
         ("reload 1s", "interval value must be greater or equal to 2s"),
-        ("reload 10s 500ms", "jitter value must be greater or equal to 1s"),
+        ("reload 10s 500ms", "jitter value must be 0 or greater or equal to 1s"),
         ("reload soon", 'invalid duration "soon"'),
         ("reload 10s 2s 3s", "expected 0 to 2 arguments"),
     ):
@@ -51,9 +51,7 @@ def test_changed_corefile_is_served_and_a_broken_one_is_not(tmp_path: Path, proc
     corefile.write_text(text)
     process = Process(corefile)
     processes.append(process)
-    process.wait_for_line(
-        rf"^\[INFO\] plugin/reload: Running configuration SHA512 = {hashlib.sha512(text.encode()).hexdigest()}$"
-    )
+    process.wait_for_line(rf"^\[INFO\] plugin/reload: Running configuration SHA512 = {parsed_sha512(text, corefile)}$")
     assert not process.query("example.org").answer  # whoami answers in the additional section
 
     metrics_port = free_tcp_port()
@@ -62,7 +60,7 @@ def test_changed_corefile_is_served_and_a_broken_one_is_not(tmp_path: Path, proc
     )
     corefile.write_text(changed)
     process.wait_for_line(r"^\[INFO\] Reloading$", timeout=15)
-    process.wait_for_line(rf"Running configuration SHA512 = {hashlib.sha512(changed.encode()).hexdigest()}$")
+    process.wait_for_line(rf"Running configuration SHA512 = {parsed_sha512(changed, corefile)}$")
     process.wait_for_line(r"^\[INFO\] Reloading complete$")
     assert process.query("example.org").answer[0][0].address == "192.0.2.53"
 
@@ -72,7 +70,7 @@ def test_changed_corefile_is_served_and_a_broken_one_is_not(tmp_path: Path, proc
     assert process.query("example.org").answer[0][0].address == "192.0.2.53"
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
     assert "coredns_reload_failed_total 1.0" in metrics
-    sha512 = hashlib.sha512(changed.encode()).hexdigest()
+    sha512 = parsed_sha512(changed, corefile)
     assert f'coredns_reload_version_info{{hash="sha512",value="{sha512}"}} 1.0' in metrics
     # The broken file is not retried at every interval: no second error line appears.
     deadline = time.monotonic() + 5
@@ -107,3 +105,32 @@ async def _settle(running) -> None:  # type: ignore[no-untyped-def]
     from tests.helpers import wait_for
 
     await wait_for(lambda: not running.server.retiring)
+
+
+def test_jitter_zero_is_accepted() -> None:
+    config = load(". {\n reload 10s 0\n}\n", "Corefile", REGISTRY)
+    assert config.blocks[0].plugins[0].interval == 10.0  # type: ignore[attr-defined]
+
+
+def test_hash_covers_imports_and_ignores_comments(tmp_path: Path) -> None:
+    corefile = tmp_path / "Corefile"
+    (tmp_path / "extra.conf").write_text("whoami\n")
+    text = ". {\n import extra.conf\n}\n"
+    first = parsed_sha512(text, corefile)
+    assert parsed_sha512("# a comment\n" + text.replace("\n import", "\n    import"), corefile) == first
+    (tmp_path / "extra.conf").write_text("erratic\n")
+    assert parsed_sha512(text, corefile) != first  # an edit to the imported file is a change
+    # ... and the running configuration's hash is computed the same way.
+    config = load(text, str(corefile), REGISTRY, directory=tmp_path)
+    assert config.sha512 == parsed_sha512(text, corefile)
+
+
+def test_a_failed_corefile_is_retried_after_a_revert_and_a_second_try() -> None:
+    runtime = Runtime()
+    runtime.config_sha512 = "A"
+    watcher = Watcher(runtime)
+    watcher.last_seen = "A"
+    decisions = [watcher.should_reload(sha) for sha in ("A", "B", "B", "A", "B")]
+    # B fails (the running configuration stays A): not retried while unchanged, but
+    # after going back to A and then to B again it is tried once more.
+    assert decisions == [False, True, False, False, True]
