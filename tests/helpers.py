@@ -38,7 +38,9 @@ class Running:
 
     async def udp(self, name: str, rdtype: str = "A", **query_options: Any) -> dns.message.Message:
         query = dns.message.make_query(name, rdtype, **query_options)
-        return await dns.asyncquery.udp(query, LOOPBACK, port=self.port, timeout=3)
+        # ignore_unexpected: a stray datagram (another test's health check reusing the
+        # port) must not fail the query; the real reply still has to come.
+        return await dns.asyncquery.udp(query, LOOPBACK, port=self.port, timeout=3, ignore_unexpected=True)
 
     async def tcp(self, name: str, rdtype: str = "A", **query_options: Any) -> dns.message.Message:
         query = dns.message.make_query(name, rdtype, **query_options)
