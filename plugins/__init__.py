@@ -17,6 +17,8 @@ ORDER: tuple[str, ...] = (
     "any",
     "loadbalance",
     "hosts",
+    "loop",
+    "forward",
     "erratic",
     "whoami",
 )

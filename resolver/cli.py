@@ -154,6 +154,13 @@ async def serve(config: Config, args: argparse.Namespace, registry: Registry) ->
         received.append(signame)
         stop.set()
 
+    status = 0
+
+    def on_fatal(_message: str) -> None:
+        nonlocal status
+        status = 1  # the plugin has logged why; shut down as for SIGTERM, exit 1
+        stop.set()
+
     reloading: set[asyncio.Task[None]] = set()
 
     def request_reload() -> None:
@@ -170,17 +177,19 @@ async def serve(config: Config, args: argparse.Namespace, registry: Registry) ->
         start_reload()
 
     config.runtime.request_reload = request_reload
+    config.runtime.fatal = on_fatal
     loop.add_signal_handler(signal.SIGTERM, on_stop, "SIGTERM")
     loop.add_signal_handler(signal.SIGINT, on_stop, "SIGINT")
     loop.add_signal_handler(signal.SIGUSR1, on_sigusr1)
     try:
         await stop.wait()
-        log.info("%s: Shutting down servers then terminating", received[0] if received else "SIGTERM")
+        if not status:
+            log.info("%s: Shutting down servers then terminating", received[0] if received else "SIGTERM")
         await server.shutdown()
     finally:
         if args.pidfile:
             Path(args.pidfile).unlink(missing_ok=True)
-    return 0
+    return status
 
 
 async def reload(server: Server, args: argparse.Namespace, registry: Registry) -> bool:

@@ -114,6 +114,9 @@ class ServerBlock:
         self.handler: Handler = end_of_chain
         #: Addresses to listen on; empty means every address. The bind plugin fills it.
         self.hosts: list[str] = []
+        #: Each key's port as actually bound (port 0 becomes the one the kernel picked);
+        #: filled by the server once it listens, before any plugin starts.
+        self.bound_ports: dict[int, int] = {}
         #: The whole configuration this block belongs to (set once all blocks exist).
         self.config: Config | None = None
 
@@ -135,7 +138,7 @@ class ServerBlock:
         """Chain the plugins: each one's ``next`` is the rest of the chain."""
         handler: Handler = end_of_chain
         for plugin in reversed(self.plugins):
-            if type(plugin).serve is Plugin.serve:
+            if type(plugin).serve is Plugin.serve or not plugin.in_chain:
                 continue  # pure fall-through (bind, health, ready, reload): no frame per query
             # partial calls plugin.serve directly: no extra coroutine frame per plugin.
             handler = functools.partial(plugin.serve, next=handler)

@@ -43,6 +43,9 @@ class Plugin:
     name: ClassVar[str] = ""
     #: May the directive appear more than once in one server block?
     repeatable: ClassVar[bool] = False
+    #: False once the plugin has nothing left to do per query (loop, after its probe):
+    #: ``ServerBlock.link`` then leaves it out. Set it, then call ``block.link()``.
+    in_chain: bool = True
 
     @classmethod
     def setup(cls, directive: Directive, block: ServerBlock) -> Plugin:

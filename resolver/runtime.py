@@ -48,6 +48,10 @@ class Runtime:
         self.corefile = corefile
         #: Set by whoever can reload (the CLI); the reload plugin calls it on a change.
         self.request_reload: Callable[[], None] | None = None
+        #: Set by whoever runs the process (the CLI): a plugin that logged a fatal error
+        #: (loop: a forwarding loop) calls it to stop the process with exit status 1.
+        #: None: the plugin exits the process itself.
+        self.fatal: Callable[[str], None] | None = None
         #: SHA512 of the Corefile text being served (set by the server on every apply).
         self.config_sha512 = ""
         self.started = time.time()

@@ -470,6 +470,8 @@ class Server:
         started: list[Any] = []
         try:
             await self._open_listeners(routes, opened)
+            for block in config.blocks:
+                block.bound_ports = {key.port: self._bound_port(key.port) for key in block.keys}
             for plugin in config.plugins():
                 await plugin.start()
                 started.append(plugin)
@@ -536,6 +538,13 @@ class Server:
             chosen.setdefault(port, listener.bound_port)
             self.listeners[(host, port)] = listener
             opened.append(listener)
+
+    def _bound_port(self, configured: int) -> int:
+        """Only port 0 can differ: the kernel picked one (shared by every host)."""
+        try:
+            return self.port(configured) if configured == 0 else configured
+        except KeyError:  # not listening after all (no IPv6 for a "::"-only block)
+            return configured
 
     def port(self, configured: int = 0) -> int:
         """The port actually bound for a configured port (useful with port 0)."""

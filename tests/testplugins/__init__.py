@@ -22,6 +22,8 @@ ORDER: tuple[str, ...] = (
     "manyrecords",
     "slowstop",
     "contexts",
+    "loop",
+    "relay",
     "erratic",
     "notready",
     "whoami",

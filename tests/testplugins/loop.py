@@ -1,0 +1,3 @@
+from plugins.loop import Loop
+
+__all__ = ["Loop"]
