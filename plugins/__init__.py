@@ -16,6 +16,7 @@ ORDER: tuple[str, ...] = (
     "acl",
     "any",
     "loadbalance",
+    "cache",
     "hosts",
     "loop",
     "forward",

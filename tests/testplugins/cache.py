@@ -1,0 +1,3 @@
+from plugins.cache import Cache
+
+__all__ = ["Cache"]

@@ -1,0 +1,3 @@
+from plugins.prometheus import Prometheus
+
+__all__ = ["Prometheus"]
