@@ -185,7 +185,7 @@ async def serve(config: Config, args: argparse.Namespace, registry: Registry) ->
         await stop.wait()
         if not status:
             log.info("%s: Shutting down servers then terminating", received[0] if received else "SIGTERM")
-        await server.shutdown()
+        await server.shutdown(lameduck=not status)
     finally:
         if args.pidfile:
             Path(args.pidfile).unlink(missing_ok=True)

@@ -553,10 +553,11 @@ class Server:
                 return listener.bound_port
         raise KeyError(configured)
 
-    async def shutdown(self) -> None:
+    async def shutdown(self, lameduck: bool = True) -> None:
         """Lameduck, stop accepting, let in-flight queries finish within the grace period,
-        stop plugins."""
-        if self.config is not None:
+        stop plugins. A fatal error (a forwarding loop) skips the lameduck: there is
+        nothing worth serving for longer."""
+        if self.config is not None and lameduck:
             await asyncio.gather(*(_quietly(p.before_shutdown()) for p in self.config.plugins()))
         for listener in self.listeners.values():
             listener.stop_accepting()

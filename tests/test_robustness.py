@@ -160,3 +160,13 @@ async def test_a_bug_while_delivering_still_gets_the_client_a_servfail(start_ser
     raw = await raw_udp(running.port, query_bytes("bug.example.", qid=3))
     assert raw is not None and raw[:2] == b"\x00\x03" and rcode_of(raw) == dns.rcode.SERVFAIL
     assert running.server.stats.panics == 1
+
+
+async def test_a_fatal_shutdown_skips_the_lameduck(start_server: StartServer) -> None:
+    from resolver.plugin import Registry
+
+    running = await start_server(
+        ". {\n bind 127.0.0.1\n health 127.0.0.1:0 {\n  lameduck 30s\n }\n whoami\n}\n", registry=Registry.default()
+    )
+    await asyncio.wait_for(running.server.shutdown(lameduck=False), timeout=5)  # not 30s
+    assert running.server.stopped.is_set()

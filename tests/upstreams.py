@@ -68,6 +68,8 @@ class FakeUpstream:
         self.hold: asyncio.Event | None = None  # when set, answers wait for it
         self.close_after_answer = False  # TCP: close the connection after each answer
         self.hang_up_once = False  # TCP: close the connection on the next query, unanswered
+        self.first_per_connection = False  # TCP: answer only the first query of a connection ("wedged")
+        self.questionless = False  # answer with this rcode and no question section
         self.queries: list[Received] = []
         self.connections = 0  # TCP/TLS connections accepted
         self.open_connections = 0
@@ -113,6 +115,12 @@ class FakeUpstream:
         self._tcp = await asyncio.start_server(self._serve_stream, sock=tcp, ssl=tls)
         return self
 
+    def refuse_tcp(self) -> None:
+        """Stop listening on TCP (UDP goes on): connections are refused."""
+        if self._tcp is not None:
+            self._tcp.close()
+            self._tcp = None
+
     async def stop(self) -> None:
         if self._udp is not None:
             self._udp.close()
@@ -133,6 +141,8 @@ class FakeUpstream:
         return not (self.ignore_health_checks and data[12] == 0)
 
     def answer(self, data: bytes, transport: str) -> bytes:
+        if self.questionless:  # header only: ID, QR, the rcode, no question
+            return data[:2] + bytes([0x80 | (data[2] & 0x01), self.rcode & 0x0F]) + b"\x00" * 8
         query = dns.message.from_wire(data)
         response = dns.message.make_response(query)
         response.set_rcode(self.rcode)
@@ -178,11 +188,15 @@ class FakeUpstream:
         assert handler is not None
         self.handlers.add(handler)
         self.writers.add(writer)
+        answered = 0
         try:
             while True:
                 size = int.from_bytes(await reader.readexactly(2), "big")
                 data = await reader.readexactly(size)
                 self.queries.append(Received("tcp", data, peer))
+                answered += 1
+                if self.first_per_connection and answered > 1:
+                    continue
                 if self.hang_up_once:
                     self.hang_up_once = False
                     break

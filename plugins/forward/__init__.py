@@ -206,6 +206,12 @@ class Forward(Plugin):
         (the same name up to case, so every later offset stays valid)."""
         query = req.wire
         end = req.question.end
+        if reply[4:6] == b"\x00\x00":  # an error reply without a question: give the client its rcode
+            return Reply(
+                wire=wire.error_reply(query, reply[3] & 0x0F, end, req.edns, req.do),
+                plugin=self.name,
+                error=f"upstream answered {reply[3] & 0x0F} without a question",
+            )
         return Reply(wire=query[:2] + reply[2:12] + query[12:end] + reply[end:], plugin=self.name)
 
 

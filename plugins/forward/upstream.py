@@ -20,6 +20,7 @@ fail, a success clears them. With more than ``max_fails`` fails it is down.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import ssl
@@ -114,16 +115,23 @@ class ForwardMetrics:
         )
 
 
+_QUESTIONLESS_RCODES = frozenset((1, 2, 4, 5))
+
+
 def mismatch(reply: bytes, query: bytes, qend: int) -> str | None:
     """Why ``reply`` is not the answer to ``query`` (None when it is).
 
     The question must be ours: same name ignoring ASCII case, same type and class. Only
     the name is lower-cased: QTYPE 65 is the byte 0x41, an "A".
     """
-    if len(reply) < qend or not reply[2] & _QR:
+    if len(reply) < 12 or not reply[2] & _QR:
         return "malformed"
     if reply[0] != query[0] or reply[1] != query[1]:
         return "id"
+    if reply[4:6] == b"\x00\x00" and reply[3] & 0x0F in _QUESTIONLESS_RCODES:
+        return None  # FORMERR/NOTIMP/SERVFAIL/REFUSED may come without a question (RFC 6891 7)
+    if len(reply) < qend:
+        return "malformed"
     name_end = qend - 4
     if (
         reply[4:6] != b"\x00\x01"
@@ -227,6 +235,12 @@ class StreamConnection(asyncio.Protocol):
         self.pool.upstream.count_ignored(reason)
         future.set_exception(UpstreamError(f"reply from {self.pool.upstream.to} does not match the question"))
 
+    def eof_received(self) -> bool:
+        """The upstream half-closed: it answers nothing more here, so stop handing this
+        connection out (queries still waiting on it fail over when it is lost)."""
+        self.closed = True
+        return False
+
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.pool.discard(self)
@@ -262,6 +276,9 @@ class StreamConnection(asyncio.Protocol):
         except TimeoutError:
             if not connected:
                 raise UpstreamError(f"dial {self.pool.network} {self.pool.upstream.to}: i/o timeout") from None
+            # An upstream that stopped answering on this connection may never answer on
+            # it again: never hand it out again (CoreDNS closes a connection on any error).
+            self.close()
             raise UpstreamError(self._error("read", "i/o timeout")) from None
         finally:
             if ident and self.pending.pop(ident, None) is not None:
@@ -304,7 +321,8 @@ class Pool:
         expire = self.upstream.options.expire
         best: StreamConnection | None = None
         for connection in list(self.connections):
-            if connection.closed:
+            if connection.closed or (connection.transport is not None and connection.transport.is_closing()):
+                connection.closed = True
                 self.connections.remove(connection)
             elif connection.assigned == 0 and now - connection.used > expire and connection.ready.done():
                 connection.close()
@@ -425,9 +443,11 @@ class Upstream:
             reply = await self.udp(query, qend, timeout)
             if reply[2] & _TC:
                 # Ask again over TCP: the client still gets what fits its UDP size (with
-                # TC), and a cache above keeps the whole answer for the TCP retry.
+                # TC), and a cache above keeps the whole answer for the TCP retry. If TCP
+                # fails, the truncated reply is still an answer: the client retries itself.
                 timeout = min(self.options.read_timeout, deadline - loop.time())
-                reply = await self._stream(self.tcp, query, qend, timeout)
+                with contextlib.suppress(UpstreamError):
+                    reply = await self._stream(self.tcp, query, qend, timeout)
         else:
             reply = await self._stream(self.tcp, query, qend, timeout)
         rcode = rcode_text(reply[3] & 0x0F)
@@ -438,7 +458,10 @@ class Upstream:
     async def udp(self, query: bytes, qend: int, timeout: float) -> bytes:
         """One UDP exchange from a new socket (random port) under a new random ID."""
         loop = asyncio.get_running_loop()
-        sock = socket.socket(self.family, socket.SOCK_DGRAM)
+        try:
+            sock = socket.socket(self.family, socket.SOCK_DGRAM)
+        except OSError as exc:  # out of file descriptors: this upstream attempt fails, the next may not
+            raise UpstreamError(f"dial udp {self.to}: {_reason(exc)}") from None
         try:
             sock.setblocking(False)
             sock.connect(self.sockaddr)  # the kernel now drops datagrams from other addresses
@@ -474,18 +497,21 @@ class Upstream:
             self.count_ignored(reason)
 
     async def _stream(self, pool: Pool, query: bytes, qend: int, timeout: float) -> bytes:
-        for attempt in range(2):
+        """Exchange on a pooled connection. A reused connection the upstream had already
+        closed is not the upstream's fault: try again (as CoreDNS does, for as long as
+        the connection that failed was a reused one), within the same time budget."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
             connection, cached = pool.acquire()
             connection.assigned += 1
             try:
-                return await connection.exchange(query, qend, timeout)
+                return await connection.exchange(query, qend, max(deadline - loop.time(), 0.001))
             except PeerClosed:
-                # A pooled connection the upstream had closed: once more on a new one.
-                if not cached or attempt:
+                if not cached or loop.time() >= deadline:
                     raise
             finally:
                 connection.assigned -= 1
-        raise AssertionError("unreachable")
 
     # -- health ------------------------------------------------------------------------------
 
