@@ -33,4 +33,5 @@ class Whoami(Plugin):
         service = RR(service_name, QTYPE.SRV, req.qclass, 0, SRV(0, 0, req.remote_port, "."))
         # Keep the OPT record (if any) last, where resolvers expect it.
         reply.ar[0:0] = [address, service]
-        return self.answer(reply)
+        # It describes this one query (address and port): nothing a cache may keep.
+        return Reply(reply, plugin=self.name, cacheable=False)

@@ -19,7 +19,7 @@ from resolver import wire
 class Reply:
     """A response on its way back to the client, with who wrote it and why."""
 
-    __slots__ = ("_message", "_wire", "client_specific", "error", "plugin")
+    __slots__ = ("_message", "_wire", "cacheable", "client_specific", "error", "plugin")
 
     def __init__(
         self,
@@ -29,6 +29,7 @@ class Reply:
         plugin: str = "",
         error: str | None = None,
         client_specific: bool = False,
+        cacheable: bool = True,
     ) -> None:
         if message is None and wire is None:
             raise ValueError("a Reply needs a message or wire bytes")
@@ -39,6 +40,9 @@ class Reply:
         #: The answer depends on who asked (autopath expanded the name with the client's
         #: search path): a cache may reuse it only for the same client address.
         self.client_specific = client_specific
+        #: False for answers no cache may keep at all (whoami: they depend on the client's
+        #: port too, which changes with every query).
+        self.cacheable = cacheable
 
     @property
     def wire(self) -> bytes:

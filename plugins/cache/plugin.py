@@ -184,6 +184,8 @@ class Cache(Plugin):
                 failure = exc
             if reply is not None and self._refreshes(reply, req):
                 return self._learn(req, reply, qkey, variant)[0]
+            if reply is not None and _truncated(reply):
+                return reply  # upstream is up (a TC answer is an answer): no stale data
             if not entry.live:
                 # Removed while upstream was asked (a fresh NXDOMAIN for the name, say):
                 # serving it now could contradict what the cache holds.
@@ -206,6 +208,8 @@ class Cache(Plugin):
         try:
             data = reply.wire
         except Exception:
+            return False
+        if len(data) < wire.HEADER_SIZE:
             return False
         return (
             reply.rcode in (wire.NOERROR, wire.NXDOMAIN)
@@ -234,6 +238,8 @@ class Cache(Plugin):
             data = reply.wire
         except Exception:
             return reply, None  # the server turns an unpackable reply into SERVFAIL
+        if not reply.cacheable:
+            return reply, None
         now = self.clock.now
         name = qkey[:-4]
         query = req.wire
@@ -243,6 +249,10 @@ class Cache(Plugin):
         if analysis is None:
             return reply, None
         if analysis.opt_options is not None:
+            if analysis.opt_options[1] != len(data):
+                # Cutting options out of an OPT that is not the last record would move the
+                # records after it and break their compression pointers: do not keep it.
+                return reply, None
             data = without_opt_options(data, analysis.opt_options)
             analysis = analyze(data, end)
         self.store.purge(name, client, analysis.rcode)
@@ -345,7 +355,9 @@ class Cache(Plugin):
         entry.last = now
         if entry.hits < self.prefetch or entry.refreshing:
             return
-        threshold = math.ceil(self.config.prefetch_percentage * entry.duration / 100)
+        # Of the lifetime it really has: an A cut down to its AAAA's expiry (align) would
+        # otherwise sit inside the window for good and be refreshed on every hit.
+        threshold = math.ceil(self.config.prefetch_percentage * entry.lifetime / 100)
         if entry.expires - now > threshold:
             return
         work = [(_copy_request(req), entry)]
@@ -372,7 +384,10 @@ class Cache(Plugin):
             replies = await asyncio.gather(*(self._ask(next, req) for req, _entry in work))
             fresh: list[Entry] = []
             for (req, old), reply in zip(work, replies, strict=True):
-                if reply is None or not self._refreshes(reply, req):
+                # A refresh is asked on behalf of whoever hit the shared entry; an answer
+                # that is specific to that client must not turn the shared name private
+                # (the client would then see the other rcode for its next type).
+                if reply is None or reply.client_specific or not self._refreshes(reply, req):
                     continue
                 _reply, entry = self._learn(req, reply, old.qkey, old.variant, align=False)
                 if entry is not None:
@@ -466,3 +481,11 @@ def in_zones(name: bytes, zones: frozenset[bytes]) -> bool:
         if length == 0:
             return False
         offset += 1 + length
+
+
+def _truncated(reply: Reply) -> bool:
+    try:
+        data = reply.wire
+    except Exception:
+        return False
+    return len(data) >= wire.HEADER_SIZE and bool(data[2] & 0x02)

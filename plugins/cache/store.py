@@ -44,6 +44,7 @@ class Entry:
         "hits",
         "kind",
         "last",
+        "lifetime",
         "live",
         "offsets",
         "qkey",
@@ -81,7 +82,8 @@ class Entry:
         self.offsets = offsets  # TTL field offsets within ``tail``
         self.stamp = -1  # the second the TTLs in ``tail`` were written for; -1: rewrite
         self.expires = expires
-        self.duration = duration  # the TTL it was stored with (keepttl, prefetch threshold)
+        self.duration = duration  # the TTL it was stored with (keepttl)
+        self.lifetime = duration  # seconds it really lives once stored (align may cut it): prefetch
         self.hits = 0  # prefetch popularity: hits without a gap of DURATION
         self.last = 0
         self.refreshing = False  # a background refresh is in flight (at most one)
@@ -255,6 +257,8 @@ class Store:
         dependent = self.dependent.get(group.name)
         if dependent is not None and dependent.groups.get(group.client) is group:
             del dependent.groups[group.client]
+            if not dependent.groups:
+                del self.dependent[group.name]  # nothing left to serve privately: forget the name
 
     # -- consistency -----------------------------------------------------------------
 
@@ -293,4 +297,5 @@ class Store:
         for item in (entry, sibling):
             if item.expires != expires:
                 item.expires = expires
+                item.lifetime = min(item.lifetime, max(expires - now, 0))
                 item.stamp = -1
