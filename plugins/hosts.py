@@ -44,8 +44,8 @@ from pathlib import Path
 from dnslib import AAAA, PTR, QTYPE, RR, A, DNSLabel
 
 from resolver import wire
-from resolver.config import ServerBlock, parse_key
-from resolver.corefile import CorefileError, Directive, Token
+from resolver.config import ServerBlock, zone_arguments
+from resolver.corefile import CorefileError, Directive
 from resolver.logs import plugin_logger
 from resolver.metrics import GaugeVec
 from resolver.plugin import Handler, Plugin, expect_args, parse_duration
@@ -102,7 +102,7 @@ def _lookup(names: dict[str, list[str]], wild: dict[str, list[str]], name: str) 
     return _EMPTY
 
 
-def in_zones(name: str, zones: Iterable[str]) -> bool:
+def inzone_arguments(name: str, zones: Iterable[str]) -> bool:
     """Is ``name`` equal to or below one of ``zones`` (lower case, final dot)?"""
     return any(zone == "." or name == zone or name.endswith("." + zone) for zone in zones)
 
@@ -166,7 +166,7 @@ def _add(
     v4 = ip.version == 4
     for text in names:
         name = _normal_name(text)
-        if name is None or not in_zones(name, origins):
+        if name is None or not inzone_arguments(name, origins):
             continue
         if name.startswith("*."):
             (table.wild4 if v4 else table.wild6).setdefault(name, []).append(address)
@@ -236,7 +236,7 @@ class Hosts(Plugin):
         if args:
             path = _resolve_path(args.pop(0), block.file)
             _check_file(path, directive)
-        origins = _zones(args, directive) if args else list(block.zones)
+        origins = zone_arguments(args, directive) if args else list(block.zones)
 
         options: dict[str, object] = {}
         fall: list[str] | None = None
@@ -246,7 +246,7 @@ class Hosts(Plugin):
             if name in ("fallthrough", "fallthrough_unsupported", "no_reverse", "ttl", "reload") and option.block:
                 raise option.error("takes no block")
             if name == "fallthrough":
-                fall = _zones(option.args, option) if option.args else ["."]
+                fall = zone_arguments(option.args, option) if option.args else ["."]
             elif name == "fallthrough_unsupported":
                 expect_args(option, 0, 0)
                 options["fall_unsupported"] = True
@@ -340,7 +340,7 @@ class Hosts(Plugin):
             if not owners:
                 return await next(req)
             return self._reply(req, QTYPE.PTR, [PTR(DNSLabel(owner.encode())) for owner in owners])
-        if not in_zones(qname, self.origins):
+        if not inzone_arguments(qname, self.origins):
             return await next(req)
         if qtype == QTYPE.A:
             addresses = [*file.v4(qname), *inline.v4(qname)]
@@ -350,11 +350,11 @@ class Hosts(Plugin):
             addresses = [*file.v6(qname), *inline.v6(qname)]
             if addresses:
                 return self._reply(req, QTYPE.AAAA, [AAAA(address) for address in addresses])
-        elif self.fall_unsupported and in_zones(qname, self.fall):
+        elif self.fall_unsupported and inzone_arguments(qname, self.fall):
             return await next(req)
         if file.v4(qname) or inline.v4(qname) or file.v6(qname) or inline.v6(qname):
             return self._reply(req, qtype, [])  # the name exists: NODATA
-        if in_zones(qname, self.fall):
+        if inzone_arguments(qname, self.fall):
             return await next(req)
         return self.fail(req, wire.SERVFAIL)
 
@@ -391,18 +391,6 @@ def _check_file(path: str, directive: Directive) -> None:
         raise directive.error(f"unable to access hosts file '{path}': {exc.strerror or exc}") from None
     if stat.S_ISDIR(status.st_mode):
         log.warning('Hosts file "%s" is a directory', path)
-
-
-def _zones(args: Sequence[str], directive: Directive) -> list[str]:
-    """Zone arguments as zones, like server block keys (``10.0.0.0/24`` becomes reverse zones)."""
-    zones: list[str] = []
-    for text in args:
-        try:
-            keys = parse_key(Token(text, directive.file, directive.line), 0)
-        except CorefileError:
-            raise directive.error(f'invalid zone "{text}"') from None
-        zones.extend(key.zone for key in keys if key.zone not in zones)
-    return zones
 
 
 def _ttl(option: Directive) -> int:

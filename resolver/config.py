@@ -12,12 +12,12 @@ import functools
 import hashlib
 import ipaddress
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from resolver import wire
-from resolver.corefile import CorefileError, ServerBlockSpec, Token, canonical, parse
+from resolver.corefile import CorefileError, Directive, ServerBlockSpec, Token, canonical, parse
 from resolver.plugin import Handler, Plugin, Registry
 from resolver.reply import Reply
 from resolver.request import Request
@@ -60,6 +60,19 @@ def parse_key(token: Token, default_port: int) -> list[ZoneKey]:
         return [ZoneKey(zone, port) for zone in reverse_zones(text, token)]
     zone = _zone_name(text or ".", token)
     return [ZoneKey(zone, port)]
+
+
+def zone_arguments(args: Sequence[str], directive: Directive) -> list[str]:
+    """A plugin's ZONES arguments, read as server block keys read them (lower case, final
+    dot; ``10.0.0.0/24`` is its reverse zone), without repeats."""
+    zones: list[str] = []
+    for text in args:
+        try:
+            keys = parse_key(Token(text, directive.file, directive.line), 0)
+        except CorefileError:
+            raise directive.error(f'invalid zone "{text}"') from None
+        zones.extend(key.zone for key in keys if key.zone not in zones)
+    return zones
 
 
 def _port(text: str, token: Token) -> int:

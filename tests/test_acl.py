@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 
 import dns.asyncquery
 import dns.edns
@@ -16,7 +15,7 @@ from resolver.config import load
 from resolver.corefile import CorefileError
 from resolver.plugin import Registry
 from tests.conftest import StartServer
-from tests.helpers import LOOPBACK, Running, frame, query_bytes, read_frame
+from tests.helpers import LOOPBACK, Running, frame, ipv6_loopback, query_bytes, read_frame
 
 REGISTRY = Registry(("bind", "acl", "loadbalance", "manyrecords", "whoami"), "tests.testplugins")
 SERVER = "dns://127.0.0.1:0"  # the server label of a ". {bind 127.0.0.1}" block on port 0
@@ -143,16 +142,7 @@ async def test_rules(start_server: StartServer, rules: list[str], qtype: str, ex
     assert outcome(await running.tcp("www.example.org", qtype)) == expected
 
 
-def _ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as probe:
-            probe.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback (::1) on this host")
+@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback (::1) on this host")
 async def test_ipv6_clients_match_ipv6_networks(start_server: StartServer) -> None:
     running = await start_server(corefile("block net ::1/128", bind="127.0.0.1 ::1"), registry=REGISTRY)
     query = dns.message.make_query("www.example.org", "A")

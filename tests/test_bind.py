@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-
 import dns.asyncquery
 import dns.message
 import pytest
@@ -11,20 +9,11 @@ import pytest
 from resolver.config import load
 from resolver.corefile import CorefileError
 from tests.conftest import StartServer
-from tests.helpers import TEST_REGISTRY, query_bytes, raw_udp
+from tests.helpers import TEST_REGISTRY, ipv6_loopback, query_bytes, raw_udp
 
 
 def listening(running) -> set[str]:  # type: ignore[no-untyped-def]
     return {host for host, _port in running.server.listeners}
-
-
-def ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as probe:
-            probe.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
 
 
 async def test_bind_address_listens_only_there(start_server: StartServer) -> None:

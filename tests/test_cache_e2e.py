@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import struct
 
 import aiohttp
@@ -17,7 +16,7 @@ from plugins.cache.clock import TickingClock
 from resolver import wire
 from resolver.request import Request
 from tests.conftest import StartServer
-from tests.helpers import LOOPBACK, frame, query_bytes, raw_udp, read_frame, wait_for
+from tests.helpers import LOOPBACK, frame, ipv6_loopback, query_bytes, raw_udp, read_frame, wait_for
 from tests.test_cache import REGISTRY, _ttl_offsets
 from tests.testplugins.cache import Cache
 from tests.testplugins.scripted import Scripted, build
@@ -86,16 +85,7 @@ async def test_a_cached_reply_too_big_for_the_client_is_truncated_by_the_server(
     assert upstream.count("big.example.org.") == 1
 
 
-def _ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as probe:
-            probe.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback to act as a second client")
+@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback to act as a second client")
 async def test_a_client_specific_answer_is_not_served_to_another_address(start_server: StartServer) -> None:
     running = await start_server(
         ". {\n bind 127.0.0.1 ::1\n cache\n scripted\n}\n",

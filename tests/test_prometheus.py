@@ -19,7 +19,7 @@ from resolver.corefile import CorefileError
 from resolver.metrics import GaugeVec
 from resolver.plugin import Plugin, Registry
 from tests.conftest import StartServer
-from tests.helpers import LOOPBACK, Running, query_bytes, raw_udp, wait_for
+from tests.helpers import LOOPBACK, Running, ipv6_loopback, query_bytes, raw_udp, wait_for
 
 REGISTRY = Registry.default()
 SERVER = "dns://127.0.0.1:0"  # the server label: bind 127.0.0.1, port 0 in the Corefile
@@ -189,7 +189,7 @@ async def test_monitored_types_keep_their_name_and_do_bit_is_counted(start_serve
 
 
 async def test_ipv6_clients_are_family_2(start_server: StartServer) -> None:
-    if not _has_ipv6_loopback():
+    if not ipv6_loopback():
         pytest.skip("no IPv6 loopback (::1) on this host")
     running = await start_server(". {\n bind 127.0.0.1 ::1\n prometheus 127.0.0.1:0\n erratic\n}\n", registry=REGISTRY)
     query = dns.message.make_query("example.org", "A")
@@ -197,15 +197,6 @@ async def test_ipv6_clients_are_family_2(start_server: StartServer) -> None:
     result = await scrape(plugin_of(running).port)
     labels = {"server": "dns://[::1]:0", "zone": ".", "view": "", "proto": "udp", "family": "2", "type": "A"}
     assert result.value("coredns_dns_requests_total", **labels) == 1
-
-
-def _has_ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as probe:
-            probe.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
 
 
 async def test_end_of_chain_servfail_has_an_empty_plugin_label(start_server: StartServer) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 
 import aiohttp
 import pytest
@@ -14,7 +13,7 @@ from resolver.config import load
 from resolver.corefile import CorefileError
 from resolver.plugin import Plugin, Registry
 from tests.conftest import StartServer
-from tests.helpers import LOOPBACK, Running, wait_for
+from tests.helpers import LOOPBACK, Running, ipv6_loopback, wait_for
 from tests.testplugins.notready import NotReady
 
 
@@ -147,16 +146,7 @@ c.example {
     assert await get(url) == (200, "OK")
 
 
-def _ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as probe:
-            probe.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback on this host")
+@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback on this host")
 async def test_blocks_on_another_ready_address_do_not_count(start_server: StartServer) -> None:
     corefile = """
 a.example {

@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from resolver.config import ServerBlock, parse_key
-from resolver.corefile import CorefileError, Directive, Token
+from resolver.config import ServerBlock, zone_arguments
+from resolver.corefile import Directive
 from resolver.plugin import expect_args, parse_duration, raise_unknown_option
 
 SHARDS = 256  # CoreDNS splits each cache into 256 shards; capacities are rounded to them
@@ -59,7 +59,7 @@ def parse(directive: Directive, block: ServerBlock) -> CacheConfig:
         ttl = int(args.pop(0))
         if ttl <= 0:
             raise directive.error(f"cache TTL can not be zero or negative: {ttl}")
-    config = CacheConfig(zones=_zones(args, directive) if args else list(block.zones))
+    config = CacheConfig(zones=zone_arguments(args, directive) if args else list(block.zones))
     if ttl is not None:
         config.success_ttl = config.denial_ttl = ttl
     for option in directive.children:
@@ -82,7 +82,7 @@ def parse(directive: Directive, block: ServerBlock) -> CacheConfig:
             what, *zones = expect_args(option, 1)
             if what not in ("success", "denial"):
                 raise option.error('cache type for disable must be "success" or "denial"')
-            disabled = _zones(zones, option) if zones else ["."]
+            disabled = zone_arguments(zones, option) if zones else ["."]
             if what == "success":
                 config.success_disabled = disabled
             else:
@@ -152,18 +152,6 @@ def _parse_serve_stale(option: Directive, config: CacheConfig) -> None:
         if mode not in ("immediate", "verify"):
             raise option.error(f"invalid value for serve_stale refresh mode: {option.args[1]}")
         config.verify = mode == "verify"
-
-
-def _zones(args: list[str], directive: Directive) -> list[str]:
-    """Zone arguments as server block keys read them (``10.0.0.0/24`` is its reverse zone)."""
-    zones: list[str] = []
-    for text in args:
-        try:
-            keys = parse_key(Token(text, directive.file, directive.line), 0)
-        except CorefileError:
-            raise directive.error(f'invalid zone "{text}"') from None
-        zones.extend(key.zone for key in keys if key.zone not in zones)
-    return zones
 
 
 def _is_integer(text: str) -> bool:
