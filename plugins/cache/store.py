@@ -134,6 +134,8 @@ class Store:
         self.dependent: dict[bytes, Dependent] = {}
         self.kinds: tuple[list[Entry], list[Entry]] = ([], [])
         self.capacity = (success_capacity, denial_capacity)
+        self._sweep_floor = 2 * (success_capacity + denial_capacity)
+        self._sweep_at = self._sweep_floor  # dependent-name count that triggers a sweep
         self.random = rng or random.Random()
 
     def __len__(self) -> int:
@@ -167,6 +169,8 @@ class Store:
             dependent = None
         if client_specific:
             if dependent is None:
+                if len(self.dependent) >= self._sweep_at:
+                    self._sweep_dependent(now)
                 dependent = self.dependent[name] = Dependent(now + lifetime)
                 shared = self.groups.get(name)
                 if shared is not None:
@@ -174,6 +178,13 @@ class Store:
                         self.remove(entry)
             dependent.until = max(dependent.until, now + lifetime)
         return client if dependent is not None else None
+
+    def _sweep_dependent(self, now: int) -> None:
+        """Forget names whose dependent window ended and that hold no entries; sweep again
+        only once the table has doubled, so the cost per new name stays constant."""
+        for name in [name for name, item in self.dependent.items() if item.until <= now and not item.groups]:
+            del self.dependent[name]
+        self._sweep_at = max(self._sweep_floor, 2 * len(self.dependent))
 
     def lapse(self, name: bytes) -> None:
         """The name is no longer dependent: drop its private groups (the shared one is empty)."""
@@ -257,8 +268,10 @@ class Store:
         dependent = self.dependent.get(group.name)
         if dependent is not None and dependent.groups.get(group.client) is group:
             del dependent.groups[group.client]
-            if not dependent.groups:
-                del self.dependent[group.name]  # nothing left to serve privately: forget the name
+            # The name stays dependent until its window ends even with no entries left: a
+            # shared answer stored meanwhile could reach a client whose answers are its own.
+            # Empty, ended windows are swept in ``target`` (a name never asked again would
+            # otherwise be remembered for good).
 
     # -- consistency -----------------------------------------------------------------
 
