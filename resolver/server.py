@@ -394,8 +394,6 @@ class Server:
         self.in_flight: set[asyncio.Task[Any]] = set()
         self.loop: asyncio.AbstractEventLoop | None = None  # set by apply()
         self.stopped = asyncio.Event()
-        #: Called after every successful (re)configuration; plugins such as loop hook in.
-        self.on_configured: list[Callable[[Config], Awaitable[None]]] = []
 
     # -- running queries -------------------------------------------------------------
 
@@ -498,8 +496,6 @@ class Server:
             retire.add_done_callback(self.retiring.discard)
         for plugin in config.plugins():
             await _quietly(plugin.serving())
-        for hook in self.on_configured:
-            await hook(config)
 
     async def _retire(self, old: Config, in_flight: set[asyncio.Task[Any]], listeners: list[Listener]) -> None:
         """Stop the replaced configuration's plugins, and close the listeners it alone
