@@ -10,8 +10,8 @@ that jumps) and checks after every step what the cache would serve each client.
 from __future__ import annotations
 
 import asyncio
-import os
 import ipaddress
+import os
 import random
 from typing import Any
 
