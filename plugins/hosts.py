@@ -46,6 +46,7 @@ from dnslib import AAAA, PTR, QTYPE, RR, A, DNSLabel
 from resolver import wire
 from resolver.config import ServerBlock, zone_arguments
 from resolver.corefile import CorefileError, Directive
+from resolver.dnsnames import in_zones
 from resolver.logs import plugin_logger
 from resolver.metrics import GaugeVec
 from resolver.plugin import Handler, Plugin, expect_args, parse_duration
@@ -100,11 +101,6 @@ def _lookup(names: dict[str, list[str]], wild: dict[str, list[str]], name: str) 
         if first is not None and first.end() < len(name):
             return wild.get("*." + name[first.end() :], _EMPTY)
     return _EMPTY
-
-
-def inzone_arguments(name: str, zones: Iterable[str]) -> bool:
-    """Is ``name`` equal to or below one of ``zones`` (lower case, final dot)?"""
-    return any(zone == "." or name == zone or name.endswith("." + zone) for zone in zones)
 
 
 def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -166,7 +162,7 @@ def _add(
     v4 = ip.version == 4
     for text in names:
         name = _normal_name(text)
-        if name is None or not inzone_arguments(name, origins):
+        if name is None or not in_zones(name, origins):
             continue
         if name.startswith("*."):
             (table.wild4 if v4 else table.wild6).setdefault(name, []).append(address)
@@ -340,7 +336,7 @@ class Hosts(Plugin):
             if not owners:
                 return await next(req)
             return self._reply(req, QTYPE.PTR, [PTR(DNSLabel(owner.encode())) for owner in owners])
-        if not inzone_arguments(qname, self.origins):
+        if not in_zones(qname, self.origins):
             return await next(req)
         if qtype == QTYPE.A:
             addresses = [*file.v4(qname), *inline.v4(qname)]
@@ -350,11 +346,11 @@ class Hosts(Plugin):
             addresses = [*file.v6(qname), *inline.v6(qname)]
             if addresses:
                 return self._reply(req, QTYPE.AAAA, [AAAA(address) for address in addresses])
-        elif self.fall_unsupported and inzone_arguments(qname, self.fall):
+        elif self.fall_unsupported and in_zones(qname, self.fall):
             return await next(req)
         if file.v4(qname) or inline.v4(qname) or file.v6(qname) or inline.v6(qname):
             return self._reply(req, qtype, [])  # the name exists: NODATA
-        if inzone_arguments(qname, self.fall):
+        if in_zones(qname, self.fall):
             return await next(req)
         return self.fail(req, wire.SERVFAIL)
 

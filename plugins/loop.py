@@ -40,6 +40,7 @@ from dnslib import QTYPE, DNSRecord
 from resolver import wire
 from resolver.config import WILDCARD_HOSTS, ServerBlock
 from resolver.corefile import CorefileError, Directive
+from resolver.dnsnames import in_zone
 from resolver.logs import FATAL, plugin_logger
 from resolver.plugin import Handler, Plugin, no_arguments
 from resolver.reply import Reply
@@ -267,7 +268,7 @@ def forward_targets(block: ServerBlock, name: str | None = None) -> list[Target]
         targets = getattr(plugin, "targets", None)
         if targets is None:
             continue
-        if name is not None and not _in_zone(name, getattr(plugin, "zone", ".")):
+        if name is not None and not in_zone(name, getattr(plugin, "zone", ".")):
             continue
         found.extend(targets)
     return found
@@ -340,10 +341,6 @@ def _from(target: Target) -> str:
 
 def _transport(target: Target) -> str:
     return (getattr(target, "transport", "") or "").lower().rstrip(":/")
-
-
-def _in_zone(name: str, zone: str) -> bool:
-    return zone == "." or name == zone or name.endswith("." + zone)
 
 
 def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

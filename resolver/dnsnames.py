@@ -1,11 +1,14 @@
-"""DNS mnemonics exactly as CoreDNS prints them (miekg/dns's tables).
+"""DNS names and mnemonics as CoreDNS treats and prints them.
 
 Log lines, error lines and metric labels must read as CoreDNS's do, so dashboards and
 log queries built for CoreDNS keep working: ``A``, ``NSAP-PTR``, ``TYPE65280``,
-``CLASS255``, ``NXDOMAIN``.
+``CLASS255``, ``NXDOMAIN``. Zone membership is tested on the presentation text that
+``Request.qname`` gives (lower case, final dot, dots inside labels escaped).
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 # Mnemonics as miekg/dns prints them (Type.String, Class.String, RcodeToString), so that
 # lines and dashboards built on CoreDNS's output match.
@@ -49,3 +52,22 @@ def rcode_text(rcode: int) -> str:
 def rcode_label(rcode: int) -> str:
     """The ``rcode`` label of CoreDNS's metrics: as ``rcode_text``, but ``RCODE<n>`` when unknown."""
     return RCODE_NAMES.get(rcode) or f"RCODE{rcode}"
+
+
+def in_zone(name: str, zone: str) -> bool:
+    """Is ``name`` ``zone`` or below it? Both lower case with a final dot; a dot escaped
+    inside a label (``a\\.example.org.``) is not a label boundary."""
+    if zone == "." or name == zone:
+        return True
+    cut = len(name) - len(zone) - 1
+    if cut < 0 or not name.endswith(zone) or name[cut] != ".":
+        return False
+    backslashes = 0
+    while cut - 1 - backslashes >= 0 and name[cut - 1 - backslashes] == "\\":
+        backslashes += 1
+    return backslashes % 2 == 0
+
+
+def in_zones(name: str, zones: Iterable[str]) -> bool:
+    """Is ``name`` in (equal to or below) any of ``zones``?"""
+    return any(in_zone(name, zone) for zone in zones)

@@ -45,6 +45,7 @@ import random
 from resolver import wire
 from resolver.config import ServerBlock
 from resolver.corefile import Directive
+from resolver.dnsnames import in_zone, in_zones
 from resolver.plugin import Handler, Plugin
 from resolver.reply import Reply
 from resolver.request import Request
@@ -137,7 +138,7 @@ class Forward(Plugin):
             return False
         if qname == self.zone:
             return True
-        return not any(in_zone(qname, ignored) for ignored in self.ignored)
+        return not in_zones(qname, self.ignored)
 
     def _order(self) -> list[Upstream]:
         """The upstreams in the order this query tries them (CoreDNS's policies)."""
@@ -213,17 +214,3 @@ class Forward(Plugin):
                 error=f"upstream answered {reply[3] & 0x0F} without a question",
             )
         return Reply(wire=query[:2] + reply[2:12] + query[12:end] + reply[end:], plugin=self.name)
-
-
-def in_zone(name: str, zone: str) -> bool:
-    """Is ``name`` ``zone`` or below it? Both lower case with a final dot; a dot escaped
-    inside a label (``a\\.example.org.``) is not a label boundary."""
-    if zone == "." or name == zone:
-        return True
-    cut = len(name) - len(zone) - 1
-    if cut < 0 or not name.endswith(zone) or name[cut] != ".":
-        return False
-    backslashes = 0
-    while cut - 1 - backslashes >= 0 and name[cut - 1 - backslashes] == "\\":
-        backslashes += 1
-    return backslashes % 2 == 0
