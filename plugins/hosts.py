@@ -44,7 +44,7 @@ from pathlib import Path
 from dnslib import AAAA, PTR, QTYPE, RR, A, DNSLabel
 
 from resolver import wire
-from resolver.config import ServerBlock, zone_arguments
+from resolver.config import ServerBlock, ip_address, zone_arguments
 from resolver.corefile import CorefileError, Directive
 from resolver.dnsnames import in_zones
 from resolver.logs import plugin_logger
@@ -103,18 +103,6 @@ def _lookup(names: dict[str, list[str]], wild: dict[str, list[str]], name: str) 
     return _EMPTY
 
 
-def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    """The address of a hosts line, or None; an IPv6 zone (``%eth0``) is dropped, as in Go."""
-    try:
-        ip = ipaddress.ip_address(text.split("%", 1)[0])
-    except ValueError:
-        return None
-    # Go's net.IP treats ::ffff:a.b.c.d as the IPv4 address a.b.c.d.
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return ip.ipv4_mapped
-    return ip
-
-
 def _normal_name(text: str) -> str | None:
     """A host name as a lookup key (ASCII lower case, final dot), or None if unusable.
 
@@ -143,7 +131,7 @@ def parse_hosts(lines: Iterable[str], origins: Sequence[str], auto_reverse: bool
         fields = raw.split("#", 1)[0].split()
         if not fields:
             continue
-        ip = _address(fields[0]) if len(fields) >= 2 else None
+        ip = ip_address(fields[0]) if len(fields) >= 2 else None
         if ip is None:
             skipped.append(number)
             continue

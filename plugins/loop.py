@@ -31,14 +31,13 @@ nameserver 127.0.0.53``), and the plugin's ``zone``; loop reads nothing else of 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import secrets
 from typing import Any, Protocol
 
 from dnslib import QTYPE, DNSRecord
 
 from resolver import wire
-from resolver.config import WILDCARD_HOSTS, ServerBlock
+from resolver.config import WILDCARD_HOSTS, ServerBlock, ip_address
 from resolver.corefile import CorefileError, Directive
 from resolver.dnsnames import in_zone
 from resolver.logs import FATAL, plugin_logger
@@ -277,11 +276,11 @@ def forward_targets(block: ServerBlock, name: str | None = None) -> list[Target]
 def is_own_address(host: str, block: ServerBlock) -> bool:
     """Does ``host`` reach this block's sockets? A bound address does; with a wildcard
     every local loopback address of that family does too."""
-    address = _ip(host)
+    address = ip_address(host)
     if address is None:
         return False
     for listening in block.listen_hosts:
-        own = _ip(listening)
+        own = ip_address(listening)
         if own is None or own.version != address.version:
             continue
         if own.is_unspecified:
@@ -310,8 +309,8 @@ def dynamic_explanation(block: ServerBlock, name: str, remote_ip: str, address: 
             f"The probe for {name} came back to this server ({address}) but this block forwards "
             "nowhere: look for a plugin or upstream that sends queries back here."
         )
-    remote = _ip(remote_ip)
-    suspects = [target for target in targets if remote is not None and _ip(target.host) == remote] or targets
+    remote = ip_address(remote_ip)
+    suspects = [target for target in targets if remote is not None and ip_address(target.host) == remote] or targets
     listed = ", ".join(f"{_hostport(t.host, t.port)}{_from(t)}" for t in suspects)
     which = f"forward target {listed} leads" if len(suspects) == 1 else f"one of the forward targets {listed} leads"
     return (
@@ -341,17 +340,6 @@ def _from(target: Target) -> str:
 
 def _transport(target: Target) -> str:
     return (getattr(target, "transport", "") or "").lower().rstrip(":/")
-
-
-def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    """An address without its %scope, IPv4-mapped IPv6 as IPv4; None for a name."""
-    try:
-        address = ipaddress.ip_address(text.split("%", 1)[0])
-    except ValueError:
-        return None
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
 
 
 def _hostport(host: str, port: int) -> str:

@@ -21,7 +21,7 @@ from typing import TextIO
 
 from resolver import __version__, logs
 from resolver.config import DEFAULT_PORT, Config, load
-from resolver.corefile import CorefileError
+from resolver.corefile import CorefileError, port_number
 from resolver.endpoints import EndpointError
 from resolver.plugin import Registry
 from resolver.runtime import Runtime
@@ -49,9 +49,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _port(text: str) -> int:
-    if not (text.isascii() and text.isdigit()) or int(text) > 65535:
+    port = port_number(text)
+    if port is None:
         raise argparse.ArgumentTypeError(f'invalid port "{text}" (0 to 65535)')
-    return int(text)
+    return port
 
 
 def read_corefile(conf: str | None, stdin: TextIO) -> tuple[str, str]:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from resolver import wire
-from resolver.corefile import CorefileError, Directive, ServerBlockSpec, Token, canonical, parse
+from resolver.corefile import CorefileError, Directive, ServerBlockSpec, Token, canonical, parse, port_number
 from resolver.plugin import Handler, Plugin, Registry
 from resolver.reply import Reply
 from resolver.request import Request
@@ -76,9 +76,10 @@ def zone_arguments(args: Sequence[str], directive: Directive) -> list[str]:
 
 
 def _port(text: str, token: Token) -> int:
-    if not (text.isascii() and text.isdigit()) or int(text) > 65535:
+    port = port_number(text)
+    if port is None:
         raise token.error(f'invalid port "{text}" in server block key "{token.text}"')
-    return int(text)
+    return port
 
 
 def _zone_name(text: str, token: Token) -> str:
@@ -90,6 +91,18 @@ def _zone_name(text: str, token: Token) -> str:
     if bad or any(char in name for char in ":[]/\\") or not name.isprintable():
         raise token.error(f'invalid zone name "{text}"')
     return name
+
+
+def ip_address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """An IP address without its ``%scope``, an IPv4-mapped IPv6 address as the IPv4
+    address it maps (as Go's net.IP compares them); None when ``text`` is no address."""
+    try:
+        address = ipaddress.ip_address(text.split("%", 1)[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
 
 
 def reverse_zones(cidr: str, token: Token) -> list[str]:
@@ -170,14 +183,13 @@ async def end_of_chain(req: Request) -> Reply:
 
 
 class Config:
-    """A whole Corefile, set up: blocks in file order plus the text it came from."""
+    """A whole Corefile, set up: blocks in file order, and its parsed form for reload."""
 
-    def __init__(self, blocks: list[ServerBlock], text: str, file: str, runtime: Runtime, canonical: str = "") -> None:
+    def __init__(self, blocks: list[ServerBlock], file: str, runtime: Runtime, canonical: str) -> None:
         self.blocks = blocks
-        self.text = text
         self.file = file
         self.runtime = runtime
-        self.canonical = canonical or text  # the parsed form (see corefile.canonical)
+        self.canonical = canonical  # the parsed Corefile (see corefile.canonical)
 
     @property
     def sha512(self) -> str:
@@ -218,7 +230,7 @@ def load(
     if not blocks:
         raise CorefileError(file, 1, "no server blocks: the Corefile is empty")
     _check_duplicates(blocks)
-    config = Config(blocks, text, file, runtime, canonical(specs))
+    config = Config(blocks, file, runtime, canonical(specs))
     for block in blocks:
         block.config = config
     for block in blocks:

@@ -100,6 +100,16 @@ class ServerBlockSpec:
         return self.keys[0].line
 
 
+def port_number(text: str) -> int | None:
+    """A port as a Corefile or a flag writes it (ASCII digits, 0 to 65535), else None.
+
+    ``str.isdigit`` alone accepts digits such as "²" that ``int`` then rejects.
+    """
+    if text.isascii() and text.isdigit() and int(text) <= 65535:
+        return int(text)
+    return None
+
+
 # -- lexing -------------------------------------------------------------------------------
 
 

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from resolver.corefile import Directive
+from resolver.corefile import Directive, port_number
 from resolver.logs import quiet_http_errors
 
 Handler = Callable[[Any], Awaitable[Any]]  # aiohttp.web.Request -> aiohttp.web.Response
@@ -38,7 +38,7 @@ def check_address(text: str, directive: Directive) -> str:
             raise directive.error(f'invalid address "{text}": missing port (use HOST:PORT or :PORT)')
         if ":" in host:
             raise directive.error(f'invalid address "{text}": too many colons (write IPv6 as [ADDRESS]:PORT)')
-    if not (port.isascii() and port.isdigit()) or int(port) > 65535:
+    if port_number(port) is None:
         raise directive.error(f'invalid address "{text}": invalid port "{port}"')
     return text
 
@@ -75,10 +75,8 @@ def split_address(address: str, default_port: int) -> tuple[str | None, int]:
         host, port = address.split(":")
     elif address.count(":") > 1:
         host = address  # a bare IPv6 address
-    if port and not (port.isascii() and port.isdigit()):
-        raise ValueError(f'invalid port in address "{address}"')
-    number = int(port) if port else default_port
-    if number > 65535:
+    number = port_number(port) if port else default_port
+    if number is None:
         raise ValueError(f'invalid port in address "{address}"')
     return (host or None), number
 

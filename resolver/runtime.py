@@ -10,7 +10,6 @@ reaches it through its server block (``block.runtime``), never through a global.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -52,9 +51,9 @@ class Runtime:
         #: (loop: a forwarding loop) calls it to stop the process with exit status 1.
         #: None: the plugin exits the process itself.
         self.fatal: Callable[[str], None] | None = None
-        #: SHA512 of the Corefile text being served (set by the server on every apply).
+        #: SHA512 of the parsed Corefile being served (``Config.sha512``), set by the
+        #: server when a configuration takes over; reload compares the file against it.
         self.config_sha512 = ""
-        self.started = time.time()
         self._shared: dict[str, Any] = {}
 
     def shared(self, key: str, factory: Callable[[], T]) -> T:

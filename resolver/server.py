@@ -133,7 +133,6 @@ class Listener:
         self.udp = transport  # type: ignore[assignment]
         self.tcp = await loop.create_server(lambda: TCPConnection(self), sock=tcp_socket, backlog=1024)
         self.bound_port = port
-        self.label = server_label(self.host, self.port)
 
     def handle(self, data: bytes, client: Any, transport: str, send: SendTo) -> asyncio.Task[Any] | None:
         """Answer one raw query; returns the Task when the chain had to wait."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from resolver.config import parse_key
-from resolver.corefile import CorefileError, Directive, Token
+from resolver.corefile import CorefileError, Directive, Token, port_number
 from resolver.dnsnames import RCODE_NAMES
 from resolver.logs import plugin_logger
 from resolver.plugin import expect_args, parse_duration, parse_int, raise_unknown_option
@@ -242,7 +242,7 @@ def _target(text: str, directive: Directive) -> list[tuple[Target, str]]:
     address = _host_port(rest, default_port)
     if address is not None:
         host, port_text = address
-        if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) <= 65535:
+        if not port_number(port_text):  # None, or port 0: nothing to send to
             raise directive.error(f'invalid port "{port_text}" in "{text}"')
         _check_scope(host, text, directive)
         return [(Target(host, int(port_text), transport, text), server_name)]
