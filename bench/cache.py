@@ -30,7 +30,6 @@ import functools
 import json
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -40,7 +39,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bench.core import CLIENT_CPU, ROOT, SERVER_CPU, cpu_seconds, dnsperf, lost, percentiles, qps, rss_mb
+from bench.core import CLIENT_CPU, ROOT, SERVER_CPU, dnsperf, load_figures, lost, rss_mb, stop
 
 FILL = 9984  # the default capacity of each kind
 HOT_NAMES = 100
@@ -109,18 +108,7 @@ def measure(kind: str, args: argparse.Namespace, workdir: Path, files: dict[str,
         time.sleep(0.5)
         result: dict[str, object] = {"config": kind, "rss_start_mb": round(rss_mb(proc.pid), 1)}
         dnsperf(port, files["hot"], 1)  # the first (missing) query of each name
-        cpu_before = cpu_seconds(proc.pid)
-        udp = dnsperf(port, files["hot"], args.seconds)
-        cpu_used = cpu_seconds(proc.pid) - cpu_before
-        udp_qps = qps(udp)
-        result["udp_qps"] = round(udp_qps)
-        result["udp_lost_pct"] = lost(udp)
-        result["cpu_s_per_100k"] = round(cpu_used / max(udp_qps * args.seconds, 1) * 100_000, 3)
-        result["tcp_qps"] = round(qps(dnsperf(port, files["hot"], args.seconds, mode="tcp")))
-        for rate in args.rates:
-            p50, p99 = percentiles(dnsperf(port, files["hot"], min(args.seconds, 5), rate=rate))
-            result[f"p50_ms@{rate}"] = round(p50, 3)
-            result[f"p99_ms@{rate}"] = round(p99, 3)
+        result.update(load_figures(proc.pid, port, files["hot"], args.seconds, args.rates))
         result["rss_load_mb"] = round(rss_mb(proc.pid), 1)
         if kind != "static":
             command = ["taskset", "-c", CLIENT_CPU, "dnsperf", "-s", "127.0.0.1", "-p", str(port)]
@@ -134,11 +122,7 @@ def measure(kind: str, args: argparse.Namespace, workdir: Path, files: dict[str,
                 result["entries_denial"] = int(entries.get("denial", 0))
         return result
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
 
 
 def micro(hosts: Path, rounds: int = 200_000) -> dict[str, float]:

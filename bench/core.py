@@ -96,31 +96,43 @@ def percentiles(output: str) -> tuple[float, float]:
     return latencies[len(latencies) // 2] * 1000, latencies[int(len(latencies) * 0.99)] * 1000
 
 
+def load_figures(pid: int, port: int, queries: Path, seconds: float, rates: list[int]) -> dict[str, object]:
+    """Saturation over UDP (with CPU per 100k queries) and TCP, then percentiles at fixed rates."""
+    figures: dict[str, object] = {}
+    cpu_before = cpu_seconds(pid)
+    udp = dnsperf(port, queries, seconds)
+    cpu_used = cpu_seconds(pid) - cpu_before
+    udp_qps = qps(udp)
+    figures["udp_qps"] = round(udp_qps)
+    figures["udp_lost_pct"] = lost(udp)
+    figures["cpu_s_per_100k"] = round(cpu_used / max(udp_qps * seconds, 1) * 100_000, 3)
+    figures["tcp_qps"] = round(qps(dnsperf(port, queries, seconds, mode="tcp")))
+    for rate in rates:
+        p50, p99 = percentiles(dnsperf(port, queries, min(seconds, 5), rate=rate))
+        figures[f"p50_ms@{rate}"] = round(p50, 3)
+        figures[f"p99_ms@{rate}"] = round(p99, 3)
+    return figures
+
+
+def stop(proc: subprocess.Popen[str]) -> None:
+    """SIGTERM, then SIGKILL if the server has not gone within 10 s."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
 def measure(kind: str, seconds: float, rates: list[int], workdir: Path, queries: Path) -> dict[str, object]:
     proc, port = start(kind, workdir)
     try:
         time.sleep(0.5)
         result: dict[str, object] = {"config": kind, "rss_start_mb": round(rss_mb(proc.pid), 1)}
-        cpu_before = cpu_seconds(proc.pid)
-        udp = dnsperf(port, queries, seconds)
-        cpu_used = cpu_seconds(proc.pid) - cpu_before
-        udp_qps = qps(udp)
-        result["udp_qps"] = round(udp_qps)
-        result["udp_lost_pct"] = lost(udp)
-        result["cpu_s_per_100k"] = round(cpu_used / max(udp_qps * seconds, 1) * 100_000, 3)
-        result["tcp_qps"] = round(qps(dnsperf(port, queries, seconds, mode="tcp")))
-        for rate in rates:
-            p50, p99 = percentiles(dnsperf(port, queries, min(seconds, 5), rate=rate))
-            result[f"p50_ms@{rate}"] = round(p50, 3)
-            result[f"p99_ms@{rate}"] = round(p99, 3)
+        result.update(load_figures(proc.pid, port, queries, seconds, rates))
         result["rss_end_mb"] = round(rss_mb(proc.pid), 1)
         return result
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
 
 
 def main() -> None:
