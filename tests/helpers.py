@@ -6,6 +6,7 @@ Every address used here is loopback.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import struct
 from collections.abc import Callable
@@ -106,3 +107,18 @@ def ipv6_loopback() -> bool:
     except OSError:
         return False
     return True
+
+
+class Capture(logging.Handler):
+    """Collects the records of one logger, whatever resolver.logs.configure did to it."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    @property
+    def messages(self) -> list[str]:
+        return [record.getMessage() for record in self.records]

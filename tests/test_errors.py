@@ -14,25 +14,15 @@ from resolver.corefile import CorefileError
 from resolver.logs import _CoreDNSFormatter
 from resolver.plugin import Registry
 from resolver.plugin import format_duration as go_duration
+from tests import helpers
 from tests.conftest import StartServer
 from tests.helpers import query_bytes, raw_udp, wait_for
 
 REGISTRY = Registry(("bind", "errors", "log", "failing", "erratic", "whoami"), "tests.testplugins")
 
 
-class Capture(logging.Handler):
-    """Collects the records of one logger, whatever resolver.logs.configure did to it."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-    @property
-    def messages(self) -> list[str]:
-        return [record.getMessage() for record in self.records]
+class Capture(helpers.Capture):
+    """The log capture, plus the consolidation summaries among its records."""
 
     def summaries(self) -> list[logging.LogRecord]:
         return [record for record in self.records if " errors like " in record.getMessage()]

@@ -19,24 +19,9 @@ from resolver.dnsnames import class_text, type_text
 from resolver.logs import _CoreDNSFormatter
 from resolver.plugin import Registry
 from tests.conftest import StartServer
-from tests.helpers import LOOPBACK, frame, query_bytes, read_frame, wait_for
+from tests.helpers import LOOPBACK, Capture, frame, query_bytes, read_frame, wait_for
 
 REGISTRY = Registry(("bind", "errors", "log", "failing", "big", "erratic", "whoami"), "tests.testplugins")
-
-
-class Capture(logging.Handler):
-    """Collects the records of one logger, whatever resolver.logs.configure did to it."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-    @property
-    def messages(self) -> list[str]:
-        return [record.getMessage() for record in self.records]
 
 
 @pytest.fixture
