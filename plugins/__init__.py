@@ -18,6 +18,7 @@ ORDER: tuple[str, ...] = (
     "loadbalance",
     "cache",
     "hosts",
+    "kubernetes",
     "loop",
     "forward",
     "erratic",

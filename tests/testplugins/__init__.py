@@ -2,7 +2,7 @@
 
 The order follows the same rule as ``plugins.ORDER``; ``first`` and ``second`` come in
 that order whatever order a Corefile names them in. Modules that only re-export a real
-plugin (bind, ready, health, errors, log, acl, loadbalance, erratic, whoami) let tests
+plugin (bind, ready, health, errors, log, acl, loadbalance, erratic, whoami, kubernetes) let tests
 mix real plugins with test-only ones in one chain.
 """
 
@@ -25,6 +25,7 @@ ORDER: tuple[str, ...] = (
     "manyrecords",
     "slowstop",
     "contexts",
+    "kubernetes",
     "loop",
     "relay",
     "erratic",

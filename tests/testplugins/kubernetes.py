@@ -1,0 +1,3 @@
+from plugins.kubernetes import Kubernetes
+
+__all__ = ["Kubernetes"]
