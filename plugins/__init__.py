@@ -17,6 +17,7 @@ ORDER: tuple[str, ...] = (
     "any",
     "loadbalance",
     "cache",
+    "autopath",
     "hosts",
     "kubernetes",
     "loop",

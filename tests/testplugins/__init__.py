@@ -18,6 +18,8 @@ ORDER: tuple[str, ...] = (
     "acl",
     "loadbalance",
     "cache",
+    "autopath",
+    "searchpath",
     "scripted",
     "crash",
     "failing",

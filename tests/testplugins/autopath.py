@@ -1,0 +1,3 @@
+from plugins.autopath import AutoPath
+
+__all__ = ["AutoPath"]
