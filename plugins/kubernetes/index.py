@@ -34,6 +34,7 @@ _LOG_BURST = 5
 _LOG_WINDOW = 60.0
 
 Key = tuple[str, str]  # (namespace, name)
+DNS_SERVICE: Key = ("kube-system", "kube-dns")
 #: Called with (service_kind, seconds) for each EndpointSlice change after the first sync.
 ProgrammingObserver = Callable[[str, float], None]
 
@@ -45,6 +46,8 @@ class Index:
         self.settings = settings
         self.on_programming = on_programming
         self.synced = False
+        #: Unix time of the last change (the SOA serial, as CoreDNS's "modified").
+        self.modified = int(time.time())
         self.services: dict[Key, Service] = {}
         self.service_ips: dict[str, Service] = {}  # cluster IP -> Service (PTR)
         self.slices: dict[Key, Slice] = {}  # (namespace, slice name) -> Slice
@@ -81,6 +84,7 @@ class Index:
         except (ValueError, TypeError, AttributeError, KeyError) as exc:
             self._complain(kind, f"ignored malformed {kind} {_describe(obj)}: {exc}")
             return
+        self.modified = int(time.time())
         seen = self._listing.get(kind)
         if seen is not None and key is not None and event != "DELETED":
             seen.add(key)
@@ -128,17 +132,14 @@ class Index:
                 if everyone or endpoint.ready:
                     yield endpoint
 
-    def endpoint_ports(self, service: Service) -> list[tuple[objects.Endpoint, objects.Port]]:
-        """(endpoint, port) pairs of the served endpoints: SRV targets of headless services.
-        Ports come from each endpoint's own slice, as endpoints in different slices may
-        expose different ports."""
+    def endpoint_groups(self, service: Service) -> Iterator[tuple[objects.Endpoint, tuple[objects.Port, ...]]]:
+        """(endpoint, ports) of each served endpoint: ports come from the endpoint's own
+        slice, as endpoints in different slices may expose different ports."""
         everyone = service.publish_not_ready
-        pairs = []
         for piece in self.service_slices.get((service.namespace, service.name), ()):
             for endpoint in piece.endpoints:
                 if everyone or endpoint.ready:
-                    pairs.extend((endpoint, port) for port in piece.ports)
-        return pairs
+                    yield endpoint, piece.ports
 
     def has_endpoints(self, service: Service) -> bool:
         return next(self.endpoints(service), None) is not None
@@ -193,7 +194,8 @@ class Index:
     def _apply_service(self, event: str, obj: Any) -> Key | None:
         service, labels = objects.to_service(obj)
         key = (service.namespace, service.name)
-        if event == "DELETED" or not self._wanted(service.namespace, labels):
+        # The DNS service is kept whatever the filters say: ns.dns.<zone> is its address.
+        if event == "DELETED" or not (key == DNS_SERVICE or self._wanted(service.namespace, labels)):
             self._remove_service(key)
             return None
         self._remove_service(key)
@@ -205,7 +207,8 @@ class Index:
     def _apply_slice(self, event: str, obj: Any) -> Key | None:
         piece, labels, trigger = objects.to_slice(obj)
         key = (piece.namespace, piece.name)
-        if event == "DELETED" or not self._wanted(piece.namespace, labels):
+        noendpoints = self.settings is not None and self.settings.noendpoints
+        if event == "DELETED" or noendpoints or not self._wanted(piece.namespace, labels):
             existed = self._remove_slice(key)
             if existed is not None and event == "DELETED":
                 self._observe_programming(existed, trigger)

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from plugins.kubernetes.index import Index
+from plugins.kubernetes.records import Answerer
 from plugins.kubernetes.settings import POD_MODES, Settings, parse_selector
 from resolver.config import ServerBlock, zone_arguments
 from resolver.corefile import CorefileError, Directive
@@ -69,6 +70,7 @@ class Kubernetes(Plugin):
         self.search = _host_search()  # the host's resolv.conf search path, for autopath
         self.programming: HistogramVec | None = None
         self.index = Index(settings, on_programming=self._observe_programming)
+        self.answerer = Answerer(self)
         self._task: asyncio.Task[None] | None = None
         if block is not None:
             metrics = block.runtime.metrics
@@ -167,7 +169,7 @@ class Kubernetes(Plugin):
     # -- serving ----------------------------------------------------------------------------
 
     async def serve(self, req: Request, next: Handler) -> Reply | None:
-        return await next(req)  # answers come with records.py
+        return await self.answerer.serve(req, next)
 
     # -- autopath -----------------------------------------------------------------------------
 
