@@ -224,14 +224,15 @@ class Index:
         return key
 
     def _apply_pod(self, event: str, obj: Any) -> str | None:
-        namespace, name, ips, running, node = objects.to_pod(obj)
+        namespace, name, ips, running, node, labels = objects.to_pod(obj)
         key = f"{namespace}/{name}"
         settings = self.settings
         wanted = event != "DELETED" and running and bool(ips)
         if settings is not None:
             if not settings.watch_pods or (settings.pods == "local" and node != settings.pods_node):
                 wanted = False
-            wanted = wanted and settings.namespace_listed(namespace)
+            # CoreDNS lists pods with the same `labels` selector as services.
+            wanted = wanted and self._wanted(namespace, labels)
         self._remove_pod(key)
         if not wanted:
             return None
@@ -294,7 +295,7 @@ class Index:
     # -- helpers -------------------------------------------------------------------------------
 
     def _wanted(self, namespace: str, labels: Any) -> bool:
-        """Services and EndpointSlices pass ``namespaces`` and ``labels``."""
+        """Services, EndpointSlices and Pods pass ``namespaces`` and ``labels``."""
         settings = self.settings
         if settings is None:
             return True

@@ -215,8 +215,8 @@ def _endpoint(raw: Mapping[str, Any]) -> Endpoint:
     return Endpoint(addresses, hostname.lower(), pod.lower(), ready is None or bool(ready))
 
 
-def to_pod(obj: Any) -> tuple[str, str, tuple[str, ...], bool, str]:
-    """(namespace, name, IPs, running, node) of a Pod.
+def to_pod(obj: Any) -> tuple[str, str, tuple[str, ...], bool, str, Mapping[str, str]]:
+    """(namespace, name, IPs, running, node, labels) of a Pod.
 
     ``running`` is phase Running and not being deleted: only such a pod may be taken
     as the owner of a client address (a finished pod may still hold a reused IP).
@@ -233,7 +233,7 @@ def to_pod(obj: Any) -> tuple[str, str, tuple[str, ...], bool, str]:
         ips.append(normal_ip(status.get("podIP")))
     running = status.get("phase") == "Running" and not meta.get("deletionTimestamp")
     node = spec.get("nodeName") or ""
-    return namespace, name, tuple(ips), running, node if isinstance(node, str) else ""
+    return namespace, name, tuple(ips), running, node if isinstance(node, str) else "", labels_of(meta)
 
 
 def to_namespace(obj: Any) -> tuple[str, Mapping[str, str]]:

@@ -253,7 +253,11 @@ class Answerer:
         if name == zone:
             return []  # the apex exists (SOA, NS)
         items = self.records(name, zone)
-        if items is not None and qtype == QTYPE.SRV:
+        if items is None:
+            return None
+        if qtype == QTYPE.TXT:
+            return []  # TXT exists only on dns-version
+        if qtype == QTYPE.SRV:
             return [item for item in items if _family(item.host)]
         return items
 
