@@ -206,7 +206,7 @@ def parse_settings(directive: Directive, block: ServerBlock) -> Settings:
     settings = Settings(zones=zones)
     seen: dict[str, int] = {}
     for option in directive.children:
-        if option.block:
+        if option.block is not None:
             raise option.error("takes no block")
         if option.name in seen and option.name in _ONCE:
             raise option.error(f"given twice (first at line {seen[option.name]})")
