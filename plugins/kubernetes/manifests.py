@@ -7,7 +7,7 @@ may be a ``kind: List`` with ``items``. Namespaces, Services, EndpointSlices and
 (with their ``status``) are used; other kinds are ignored.
 
 The directory is polled (every ``POLL_INTERVAL`` seconds): when a file's modification
-time or size changes, or files come or go, the changed files are parsed again (in a
+time, size or inode changes (an editor's rename, a ConfigMap update), or files come or go, the changed files are parsed again (in a
 thread) and the whole set is applied to the index as one full list per kind, exactly as
 the API source relists, so the index's semantics are the same for both sources. A file
 that fails to parse is logged in one line and keeps contributing the objects of its
@@ -36,7 +36,7 @@ log = plugin_logger("kubernetes")
 POLL_INTERVAL = 2.0  # seconds between looks at the directory (tests lower it)
 SUFFIXES = (".yaml", ".yml", ".json")
 
-Stamp = tuple[int, int]  # (mtime_ns, size)
+Stamp = tuple[int, int, int, int]  # (mtime_ns, ctime_ns, size, inode): any change re-reads
 Objects = list[tuple[str, dict[str, Any]]]  # (kind, raw object)
 
 try:  # libyaml's loader is several times faster; the pure-Python one answers the same
@@ -141,7 +141,7 @@ def scan(directory: str) -> dict[str, Stamp] | None:
             continue
         if not os.path.isfile(entry.path):
             continue
-        stamps[entry.path] = (status.st_mtime_ns, status.st_size)
+        stamps[entry.path] = (status.st_mtime_ns, status.st_ctime_ns, status.st_size, status.st_ino)
     return stamps
 
 

@@ -1,0 +1,461 @@
+"""The manifests source and the index it fills: changes become answers, bad files and bad
+objects are logged and skipped, readiness and SERVFAIL before the first sync, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import shutil
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import dns.rcode
+import pytest
+import yaml
+
+from plugins.kubernetes import manifests
+from plugins.kubernetes.index import Index
+from plugins.kubernetes.manifests import ManifestsSource, parse_file
+from plugins.kubernetes.objects import TRIGGER_TIME_ANNOTATION
+from plugins.kubernetes.settings import Settings
+from plugins.ready import Ready
+from tests.conftest import StartServer
+from tests.helpers import Capture, Running, wait_for
+from tests.test_kubernetes_records import (
+    HTTP,
+    REGISTRY,
+    endpoint,
+    endpoint_slice,
+    namespace,
+    plugin_of,
+    pod,
+    service,
+    soa_of,
+    texts,
+)
+
+T = "testns.svc.cluster.local."
+
+
+@pytest.fixture(autouse=True)
+def fast_polling(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(manifests, "POLL_INTERVAL", 0.02)
+
+
+@pytest.fixture
+def captured() -> Iterator[Capture]:
+    logger = logging.getLogger("plugin.kubernetes")
+    capture = Capture()
+    logger.addHandler(capture)
+    try:
+        yield capture
+    finally:
+        logger.removeHandler(capture)
+
+
+def dump(path: Path, *objects: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump_all(objects))
+    return path
+
+
+def corefile(directory: Path, options: str = "", extra: str = "") -> str:
+    return f"""\
+.:0 {{
+    bind 127.0.0.1
+    {extra}
+    kubernetes cluster.local in-addr.arpa {{
+        manifests {directory}
+        {options}
+    }}
+    whoami
+}}
+"""
+
+
+async def start(start_server: StartServer, directory: Path, options: str = "", extra: str = "") -> Running:
+    return await start_server(corefile(directory, options, extra), registry=REGISTRY)
+
+
+async def addresses(running: Running, name: str) -> list[str]:
+    return [line.split()[-1] for line in texts((await running.udp(name, "A")).answer)]
+
+
+# -- changes become answers ------------------------------------------------------------------------
+
+
+async def test_changes_to_the_files_become_answers(start_server: StartServer, tmp_path: Path) -> None:
+    first = dump(tmp_path / "a.yaml", namespace("testns"), service("testns", "a", ["10.0.0.1"], HTTP))
+    running = await start(start_server, tmp_path)
+    index = plugin_of(running).index
+    assert await addresses(running, f"a.{T}") == ["10.0.0.1"]
+    assert (await running.udp(f"b.{T}", "A")).rcode() == dns.rcode.NXDOMAIN
+
+    second = dump(tmp_path / "b.yml", service("testns", "b", ["10.0.0.2"], HTTP))  # a new file
+    await wait_for(lambda: index.service("testns", "b") is not None)
+    assert await addresses(running, f"b.{T}") == ["10.0.0.2"]
+
+    dump(first, namespace("testns"), service("testns", "a", ["10.0.0.9"], HTTP, extra="grows the file"))
+    await wait_for(lambda: index.service("testns", "a").ips == ("10.0.0.9",))  # type: ignore[union-attr]
+    assert await addresses(running, f"a.{T}") == ["10.0.0.9"]
+    assert "10.0.0.1" not in index.service_ips  # the old IP's PTR is gone too
+
+    second.unlink()  # a file removed: its objects go
+    await wait_for(lambda: index.service("testns", "b") is None)
+    assert (await running.udp(f"b.{T}", "A")).rcode() == dns.rcode.NXDOMAIN
+
+
+async def test_endpoints_and_pods_follow_the_files(start_server: StartServer, tmp_path: Path) -> None:
+    objects = [
+        namespace("testns"),
+        service("testns", "h", ["None"], HTTP),
+        endpoint_slice("testns", "h-1", "h", [endpoint("172.0.0.1"), endpoint("172.0.0.2", ready=False)], HTTP),
+        pod("testns", "p", "10.1.0.1"),
+    ]
+    path = dump(tmp_path / "c.yaml", *objects)
+    running = await start(start_server, tmp_path, "pods verified")
+    index = plugin_of(running).index
+    assert await addresses(running, f"h.{T}") == ["172.0.0.1"]
+    assert index.pod_namespaces("10.1.0.1") == ["testns"]
+
+    objects[2] = endpoint_slice("testns", "h-1", "h", [endpoint("172.0.0.1"), endpoint("172.0.0.2")], HTTP)
+    objects[3] = pod("testns", "p", "10.1.0.1", phase="Succeeded")  # finished: no longer a client
+    dump(path, *objects)
+    await wait_for(lambda: not index.pod_namespaces("10.1.0.1"))
+    assert sorted(await addresses(running, f"h.{T}")) == ["172.0.0.1", "172.0.0.2"]
+    assert (await running.udp("10-1-0-1.testns.pod.cluster.local.", "A")).rcode() == dns.rcode.NXDOMAIN
+
+
+async def test_malformed_yaml_keeps_the_previous_objects(
+    start_server: StartServer, tmp_path: Path, captured: Capture
+) -> None:
+    path = dump(tmp_path / "a.yaml", namespace("testns"), service("testns", "a", ["10.0.0.1"], HTTP))
+    running = await start(start_server, tmp_path)
+    source = plugin_of(running)
+    path.write_text("kind: Service\nmetadata: {name: a\n  broken: [\n")
+    await wait_for(lambda: any("a.yaml" in message for message in captured.messages))
+    [message] = [message for message in captured.messages if "a.yaml" in message]
+    assert message.startswith(f"manifests: {path}: invalid YAML at line ")
+    assert message.endswith("(keeping its previous objects)") and "\n" not in message
+    assert await addresses(running, f"a.{T}") == ["10.0.0.1"]  # the last good version serves
+
+    dump(path, namespace("testns"), service("testns", "a", ["10.0.0.3"], HTTP))
+    await wait_for(lambda: source.index.service("testns", "a").ips == ("10.0.0.3",))  # type: ignore[union-attr]
+    assert await addresses(running, f"a.{T}") == ["10.0.0.3"]
+
+
+async def test_malformed_objects_are_logged_and_skipped(
+    start_server: StartServer, tmp_path: Path, captured: Capture
+) -> None:
+    dump(
+        tmp_path / "a.yaml",
+        namespace("testns"),
+        service("testns", "bad", ["not-an-ip"], HTTP),
+        {"kind": "Service", "metadata": "nonsense"},
+        {"kind": "EndpointSlice", "metadata": {"name": "orphan", "namespace": "testns"}},  # no service label
+        {"kind": "Pod", "metadata": {"name": "p", "namespace": "testns"}, "status": {"podIP": 12}},
+        service("testns", "good", ["10.0.0.1"], HTTP),
+    )
+    running = await start(start_server, tmp_path, "pods verified")
+    assert await addresses(running, f"good.{T}") == ["10.0.0.1"]
+    assert (await running.udp(f"bad.{T}", "A")).rcode() == dns.rcode.NXDOMAIN
+    joined = "\n".join(captured.messages)
+    assert "ignored malformed Service testns/bad: not an IP address: 'not-an-ip'" in joined
+    assert "ignored malformed EndpointSlice testns/orphan: no kubernetes.io/service-name label" in joined
+    assert "ignored malformed Pod testns/p" in joined
+
+
+async def test_file_forms(start_server: StartServer, tmp_path: Path) -> None:
+    """Multi-document YAML, kind: List, API lists whose items have no kind, JSON; other
+    kinds, other suffixes, hidden files and subdirectories are ignored; namespaces named
+    only by objects exist."""
+    dump(tmp_path / "multi.yaml", service("ns1", "one", ["10.0.0.1"]), {"kind": "Deployment", "metadata": {}})
+    dump(tmp_path / "list.yaml", {"apiVersion": "v1", "kind": "List", "items": [service("ns1", "two", ["10.0.0.2"])]})
+    bare = service("ns1", "three", ["10.0.0.3"])
+    del bare["kind"]
+    dump(tmp_path / "api.yaml", {"kind": "ServiceList", "items": [bare]})
+    (tmp_path / "four.json").write_text(json.dumps(service("ns1", "four", ["10.0.0.4"])))
+    dump(tmp_path / "notes.txt", service("ns1", "txt", ["10.0.0.5"]))
+    dump(tmp_path / ".hidden.yaml", service("ns1", "hidden", ["10.0.0.6"]))
+    (tmp_path / "sub").mkdir()
+    dump(tmp_path / "sub" / "deep.yaml", service("ns1", "deep", ["10.0.0.7"]))
+    running = await start(start_server, tmp_path)
+    for name, ip in (("one", "10.0.0.1"), ("two", "10.0.0.2"), ("three", "10.0.0.3"), ("four", "10.0.0.4")):
+        assert await addresses(running, f"{name}.ns1.svc.cluster.local.") == [ip]
+    for name in ("txt", "hidden", "deep"):
+        assert (await running.udp(f"{name}.ns1.svc.cluster.local.", "A")).rcode() == dns.rcode.NXDOMAIN
+    assert (await running.udp("ns1.svc.cluster.local.", "A")).rcode() == dns.rcode.NOERROR  # implicit namespace
+    assert plugin_of(running).index.counts() == {"Namespace": 1, "Service": 4, "EndpointSlice": 0, "Pod": 0}
+
+
+async def test_a_vanished_directory_keeps_the_objects(
+    start_server: StartServer, tmp_path: Path, captured: Capture
+) -> None:
+    directory = tmp_path / "m"
+    directory.mkdir()
+    dump(directory / "a.yaml", service("ns1", "one", ["10.0.0.1"]))
+    running = await start(start_server, directory)
+    shutil.rmtree(directory)
+    await wait_for(lambda: any("cannot be read" in message for message in captured.messages))
+    assert await addresses(running, "one.ns1.svc.cluster.local.") == ["10.0.0.1"]
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "problem"),
+    [
+        ("a.yaml", "a: [1, 2\n", "invalid YAML at line 2 column 1: "),
+        ("a.yaml", "a: b: c\n", "invalid YAML at line 1 column 5: mapping values are not allowed"),
+        ("a.json", '{"kind": "Service",\n "x": }', "invalid JSON at line 2 column 7: Expecting value"),
+        ("a.yaml", b"\xff\xfe bad".decode("latin-1"), None),
+    ],
+)
+def test_parse_problems_are_one_line(tmp_path: Path, name: str, text: str, problem: str | None) -> None:
+    path = tmp_path / name
+    path.write_text(text, encoding="latin-1" if problem is None else "utf-8")
+    objects, found = parse_file(str(path))
+    assert objects == []
+    if problem is None:
+        assert found is not None and found.startswith("cannot read:")
+    else:  # the wording is libyaml's or PyYAML's: the place and the gist are ours
+        assert found is not None and found.startswith(problem) and "\n" not in found
+
+
+# -- before the first sync ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def gate(monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
+    """Hold the manifests source before its first read: a source that has not synced."""
+    opened = asyncio.Event()
+    original = ManifestsSource.run
+
+    async def gated(self: ManifestsSource) -> None:
+        await opened.wait()
+        await original(self)
+
+    monkeypatch.setattr(ManifestsSource, "run", gated)
+    return opened
+
+
+async def test_servfail_and_not_ready_until_the_first_sync(
+    start_server: StartServer, tmp_path: Path, gate: asyncio.Event, captured: Capture
+) -> None:
+    dump(tmp_path / "a.yaml", namespace("testns"), service("testns", "a", ["10.0.0.1"], HTTP))
+    running = await start(start_server, tmp_path, "startup_timeout 50ms", extra="ready 127.0.0.1:0")
+    kubernetes = plugin_of(running)
+    assert "starting server with unsynced Kubernetes API (waited 0.05s)" in captured.messages
+    ready = running.server.config.blocks[0].find("ready")  # type: ignore[union-attr]
+    assert isinstance(ready, Ready) and ready.route is not None
+    url = f"http://127.0.0.1:{ready.route.port}/ready"
+    async with aiohttp.ClientSession() as session:
+        async with session.get(url) as response:
+            assert response.status == 503 and await response.text() == "kubernetes"
+        assert kubernetes.ready() is False
+
+        for name in (f"a.{T}", f"b.{T}"):  # unknown yet: SERVFAIL (with the SOA), not NXDOMAIN
+            reply = await running.udp(name, "A")
+            assert reply.rcode() == dns.rcode.SERVFAIL and soa_of(reply)
+        assert (await running.udp("svc.cluster.local.", "A")).rcode() == dns.rcode.NOERROR  # exists anyway
+
+        gate.set()
+        await wait_for(lambda: kubernetes.index.synced)
+        async with session.get(url) as response:
+            assert response.status == 200
+    assert await addresses(running, f"a.{T}") == ["10.0.0.1"]
+    assert (await running.udp(f"b.{T}", "A")).rcode() == dns.rcode.NXDOMAIN
+
+
+async def test_fallthrough_applies_before_the_first_sync(
+    start_server: StartServer, tmp_path: Path, gate: asyncio.Event
+) -> None:
+    running = await start(start_server, tmp_path, "startup_timeout 0\n        fallthrough")
+    reply = await running.udp(f"a.{T}", "A")
+    assert reply.rcode() == dns.rcode.NOERROR and not reply.answer  # whoami answered
+    gate.set()
+
+
+async def test_start_waits_for_the_first_sync(start_server: StartServer, tmp_path: Path) -> None:
+    dump(tmp_path / "a.yaml", service("ns1", "one", ["10.0.0.1"]))
+    running = await start(start_server, tmp_path)
+    assert plugin_of(running).index.synced  # no waiting needed: start() waited
+
+
+# -- metrics ---------------------------------------------------------------------------------------
+
+
+async def test_object_counts_and_programming_latency(start_server: StartServer, tmp_path: Path) -> None:
+    dump(
+        tmp_path / "a.yaml",
+        namespace("testns"),
+        service("testns", "a", ["10.0.0.1"], HTTP),
+        service("testns", "h", ["None"], HTTP),
+        endpoint_slice("testns", "a-1", "a", [endpoint("172.0.0.1")], HTTP),
+        pod("testns", "p", "10.1.0.1"),
+    )
+    running = await start(start_server, tmp_path, "pods insecure")
+    metrics = running.server.runtime.metrics
+    gauge = metrics["coredns_kubernetes_objects"]
+    assert gauge.current() == {("Namespace",): 1, ("Service",): 2, ("EndpointSlice",): 1, ("Pod",): 1}  # type: ignore[union-attr]
+    text = metrics.render().decode()
+    assert 'coredns_kubernetes_objects{kind="Service"} 2.0' in text
+
+    histogram = metrics["coredns_kubernetes_dns_programming_duration_seconds"]
+    assert histogram.count(("cluster_ip",)) == 0  # type: ignore[union-attr]  # the initial list says nothing
+    index = plugin_of(running).index
+    changed = endpoint_slice("testns", "a-1", "a", [endpoint("172.0.0.2")], HTTP)
+    when = (datetime.now(UTC) - timedelta(seconds=2)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    changed["metadata"]["annotations"] = {TRIGGER_TIME_ANNOTATION: when}
+    index.apply("EndpointSlice", "MODIFIED", changed)  # a watch event after the sync
+    assert histogram.count(("cluster_ip",)) == 1  # type: ignore[union-attr]
+    headless = endpoint_slice("testns", "h-1", "h", [endpoint("172.0.0.3")], HTTP)
+    headless["metadata"]["annotations"] = {TRIGGER_TIME_ANNOTATION: when}
+    index.apply("EndpointSlice", "ADDED", headless)
+    assert histogram.count(("headless_with_selector",)) == 1  # type: ignore[union-attr]
+    assert 'coredns_kubernetes_dns_programming_duration_seconds_bucket{le="4.096",service_kind="cluster_ip"} 1.0' in (
+        metrics.render().decode()
+    )
+    await plugin_of(running).stop()
+    assert gauge.current() == {}  # type: ignore[union-attr]  # a stopped plugin reports nothing
+
+
+# -- the index on its own ---------------------------------------------------------------------------
+
+
+def test_a_relist_removes_what_it_did_not_name() -> None:
+    index = Index(Settings(zones=["cluster.local."], pods="verified"))
+    index.begin_list("Service")
+    index.apply("Service", "ADDED", service("ns", "a", ["10.0.0.1"]))
+    index.apply("Service", "ADDED", service("ns", "b", ["10.0.0.2"]))
+    index.end_list("Service")
+    index.mark_synced()
+    index.apply("Service", "ADDED", service("ns", "c", ["10.0.0.3"]))  # a watch event
+    index.begin_list("Service")  # relist after 410 Gone: b was deleted meanwhile
+    index.apply("Service", "ADDED", service("ns", "a", ["10.0.0.1"]))
+    index.apply("Service", "ADDED", service("ns", "c", ["10.0.0.3"]))
+    index.end_list("Service")
+    assert sorted(index.services) == [("ns", "a"), ("ns", "c")]
+    assert sorted(index.service_ips) == ["10.0.0.1", "10.0.0.3"]
+    index.apply("Service", "DELETED", service("ns", "a", ["10.0.0.1"]))
+    assert sorted(index.services) == [("ns", "c")]
+    assert index.counts()["Service"] == 1
+
+
+def test_slices_pods_and_namespaces_relist() -> None:
+    index = Index(Settings(zones=["cluster.local."], pods="verified"))
+    for kind, objects in (
+        ("Namespace", [namespace("a"), namespace("b")]),
+        ("EndpointSlice", [endpoint_slice("a", "s1", "svc", [endpoint("10.1.0.1")])]),
+        ("Pod", [pod("a", "p1", "10.2.0.1"), pod("b", "p2", "10.2.0.2")]),
+    ):
+        index.begin_list(kind)
+        for obj in objects:
+            index.apply(kind, "ADDED", obj)
+        index.end_list(kind)
+    for kind in ("Namespace", "EndpointSlice", "Pod"):
+        index.begin_list(kind)
+        index.end_list(kind)
+    assert index.counts() == {"Namespace": 0, "Service": 0, "EndpointSlice": 0, "Pod": 0}
+    assert not index.endpoint_ips and not index.pod_ips and not index.service_slices
+
+
+def test_pods_only_running_and_shared_addresses() -> None:
+    index = Index(Settings(zones=["cluster.local."], pods="verified"))
+    index.apply("Pod", "ADDED", pod("a", "pending", "10.0.0.1", phase="Pending"))
+    assert index.pod_namespaces("10.0.0.1") == []
+    index.apply("Pod", "MODIFIED", pod("a", "pending", "10.0.0.1"))
+    assert index.pod_namespaces("10.0.0.1") == ["a"]
+    index.apply("Pod", "ADDED", pod("b", "host-network", "10.0.0.1"))  # same IP (host network)
+    assert index.pod_namespaces("10.0.0.1") == ["a", "b"]
+    index.apply("Pod", "MODIFIED", pod("a", "pending", "10.0.0.1", phase="Succeeded"))
+    assert index.pod_namespaces("10.0.0.1") == ["b"]
+    terminating = pod("b", "host-network", "10.0.0.1")
+    terminating["metadata"]["deletionTimestamp"] = "2024-01-01T00:00:00Z"
+    index.apply("Pod", "MODIFIED", terminating)
+    assert index.pod_namespaces("10.0.0.1") == [] and index.counts()["Pod"] == 0
+    dual = pod("c", "dual", "10.0.0.5")
+    dual["status"]["podIPs"] = [{"ip": "10.0.0.5"}, {"ip": "fd00::5"}]
+    index.apply("Pod", "ADDED", dual)
+    assert index.pod_namespaces("fd00::5") == ["c"] and index.pod_namespaces("10.0.0.5") == ["c"]
+    index.apply("Pod", "DELETED", dual)
+    assert not index.pod_ips
+
+
+def test_pods_are_not_kept_unless_needed() -> None:
+    index = Index(Settings(zones=["cluster.local."]))  # pods disabled, no autopath
+    index.apply("Pod", "ADDED", pod("a", "p", "10.0.0.1"))
+    assert index.counts()["Pod"] == 0
+    local = Index(Settings(zones=["cluster.local."], pods="local", pods_node="node-1"))
+    local.apply("Pod", "ADDED", pod("a", "here", "10.0.0.1", node="node-1"))
+    local.apply("Pod", "ADDED", pod("a", "there", "10.0.0.2", node="node-2"))
+    assert local.pod_namespaces("10.0.0.1") == ["a"] and local.pod_namespaces("10.0.0.2") == []
+
+
+def test_an_endpoint_moving_between_slices_stays_findable() -> None:
+    index = Index(Settings(zones=["cluster.local."]))
+    index.apply("EndpointSlice", "ADDED", endpoint_slice("ns", "s1", "svc", [endpoint("10.0.0.1")]))
+    index.apply("EndpointSlice", "ADDED", endpoint_slice("ns", "s2", "svc", [endpoint("10.0.0.1")]))
+    index.apply("EndpointSlice", "DELETED", endpoint_slice("ns", "s2", "svc", []))
+    found = index.endpoint_for_ip("10.0.0.1")
+    assert found is not None and found[0].name == "s1"
+    index.apply("EndpointSlice", "DELETED", endpoint_slice("ns", "s1", "svc", []))
+    assert index.endpoint_for_ip("10.0.0.1") is None and not index.service_slices
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [
+        None,
+        "text",
+        [],
+        {},
+        {"metadata": None},
+        {"metadata": {"name": 5}},
+        {"metadata": {"name": "x", "namespace": []}},
+        {"metadata": {"name": "x"}, "spec": "nope"},
+        {"metadata": {"name": "x"}, "spec": {"ports": [{"port": "eighty"}]}},
+        {"metadata": {"name": "x"}, "spec": {"ports": [{"port": 70000}]}},
+        {"metadata": {"name": "x"}, "spec": {"clusterIPs": "10.0.0.1"}},
+        {"metadata": {"name": "x"}, "spec": {"type": "ExternalName"}},
+        {"metadata": {"name": "x", "labels": {"kubernetes.io/service-name": "s"}}, "endpoints": [{"addresses": [1]}]},
+        {"metadata": {"name": "x", "labels": {"kubernetes.io/service-name": "s"}}, "endpoints": "x"},
+        {"metadata": {"name": "x"}, "status": {"podIPs": [{"ip": "bad"}], "phase": "Running"}},
+    ],
+)
+def test_malformed_objects_never_raise(obj: Any) -> None:
+    index = Index(Settings(zones=["cluster.local."], pods="verified"))
+    for kind in ("Namespace", "Service", "EndpointSlice", "Pod"):
+        for event in ("ADDED", "MODIFIED", "DELETED", "BOOKMARK"):
+            index.apply(kind, event, obj)
+    index.apply("Unknown", "ADDED", {"metadata": {"name": "x"}})
+    assert index.counts()["Service"] == 0 and index.counts()["Pod"] == 0
+
+
+def test_malformed_objects_are_logged_a_few_times_only(captured: Capture) -> None:
+    index = Index()
+    for number in range(50):
+        index.apply("Service", "ADDED", {"metadata": {"name": f"s{number}"}, "spec": {"clusterIP": "x"}})
+    assert 5 <= len(captured.messages) <= 6
+
+
+def test_scale_of_the_index_stays_compact() -> None:
+    """A guard on per-object size (tracemalloc): Services with their EndpointSlices and
+    Pods, all indexes included, stay well under a kilobyte per object."""
+    import tracemalloc
+
+    tracemalloc.start()
+    index = Index(Settings(zones=["cluster.local."], pods="verified"))
+    for number in range(2000):
+        index.apply("Service", "ADDED", service("ns", f"svc-{number}", [f"10.96.{number // 250}.{number % 250}"], HTTP))
+        ips = [f"10.{100 + number // 250}.{number % 250}.{i}" for i in range(3)]
+        piece = endpoint_slice("ns", f"svc-{number}-x", f"svc-{number}", [endpoint(ip) for ip in ips], HTTP)
+        index.apply("EndpointSlice", "ADDED", piece)
+    for number in range(5000):
+        index.apply("Pod", "ADDED", pod("ns", f"pod-{number}", f"10.{200 + number // 250}.{number % 250}.1"))
+    current, _peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert index.counts() == {"Namespace": 0, "Service": 2000, "EndpointSlice": 2000, "Pod": 5000}
+    per_object = current / 9000
+    assert per_object < 1000, per_object  # bytes per object, all indexes included
