@@ -9,9 +9,9 @@ may be a ``kind: List`` with ``items``. Namespaces, Services, EndpointSlices and
 The directory is polled (every ``POLL_INTERVAL`` seconds): when a file's modification
 time, size or inode changes (an editor's rename, a ConfigMap update), or files come or
 go, the changed files are parsed again (in a thread) and the whole set is applied to the
-index as one full list per kind, exactly as the API source relists, so the index's semantics are the same for both sources. A file
-that fails to parse is logged in one line and keeps contributing the objects of its
-last good version.
+index as one full list per kind, exactly as the API source relists, so the index's
+semantics are the same for both sources. A file that fails to parse is logged in one
+line and keeps contributing the objects of its last good version.
 
 A namespace named by an object but with no Namespace document is created implicitly
 (in a cluster it could not be otherwise), so a directory of Services alone answers.
