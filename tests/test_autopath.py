@@ -10,6 +10,7 @@ import asyncio
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import dns.asyncquery
@@ -17,13 +18,16 @@ import dns.message
 import dns.rcode
 import dns.rdatatype
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from plugins.kubernetes import manifests
+from plugins.kubernetes.plugin import Kubernetes
 from resolver.config import load
 from resolver.corefile import CorefileError
 from resolver.plugin import Registry
 from tests.conftest import StartServer
-from tests.helpers import LOOPBACK, Capture, Running
+from tests.helpers import LOOPBACK, Capture, Running, wait_for
 from tests.testplugins.autopath import AutoPath
 from tests.testplugins.prometheus import Prometheus
 from tests.testplugins.searchpath import SearchPath
@@ -439,3 +443,133 @@ async def test_metrics_count_walks_and_which_domain_answered(start_server: Start
     assert answers("svc.cluster.local.") == 1
     assert answers("first") == 1
     assert answers("none") == 1
+
+
+# -- end to end with the real kubernetes plugin (manifests) -----------------------------------
+
+K8S_REGISTRY = Registry(("bind", "cache", "autopath", "kubernetes", "searchpath"), "tests.testplugins")
+
+
+def k8s_object(kind: str, namespace: str | None, name: str, **fields: Any) -> dict[str, Any]:
+    metadata: dict[str, Any] = {"name": name}
+    if namespace is not None:
+        metadata["namespace"] = namespace
+    api = "v1"
+    return {"apiVersion": api, "kind": kind, "metadata": metadata, **fields}
+
+
+def k8s_pod(namespace: str, name: str, ip: str, phase: str = "Running") -> dict[str, Any]:
+    status = {"phase": phase, "podIP": ip, "podIPs": [{"ip": ip}]}
+    return k8s_object("Pod", namespace, name, spec={"nodeName": "node-1"}, status=status)
+
+
+def k8s_service(namespace: str, name: str, ip: str) -> dict[str, Any]:
+    spec = {"clusterIP": ip, "clusterIPs": [ip], "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}
+    return k8s_object("Service", namespace, name, spec=spec)
+
+
+CLUSTER = [
+    k8s_object("Namespace", None, "prod"),
+    k8s_object("Namespace", None, "data"),
+    k8s_object("Namespace", None, "old"),
+    k8s_service("data", "web", "10.96.1.1"),
+    k8s_service("prod", "api", "10.96.2.2"),
+]
+
+
+def write_manifests(directory: Path, *objects: dict[str, Any]) -> Path:
+    directory.mkdir(exist_ok=True)
+    (directory / "cluster.yaml").write_text(yaml.safe_dump_all([*CLUSTER, *objects]))
+    return directory
+
+
+def k8s_corefile(directory: Path, cache: bool = False) -> str:
+    """kubernetes with pods disabled: autopath must make it watch pods anyway. searchpath
+    after it stands in for forward (names outside cluster.local)."""
+    return corefile(
+        "cache" if cache else "",
+        "autopath @kubernetes",
+        f"kubernetes cluster.local {{\n        manifests {directory}\n    }}",
+        "searchpath",
+    )
+
+
+async def start_k8s(start_server: StartServer, directory: Path, cache: bool = False) -> tuple[Running, Kubernetes]:
+    running = await start_server(k8s_corefile(directory, cache), registry=K8S_REGISTRY)
+    assert running.server.config is not None
+    block = running.server.config.blocks[0]
+    kubernetes, upstream = block.find("kubernetes"), block.find("searchpath")
+    assert isinstance(kubernetes, Kubernetes) and isinstance(upstream, SearchPath)
+    kubernetes.search = ["example.com."]  # the node's resolv.conf search domains, fixed for the test
+    upstream.load(RECORDS)
+    return running, kubernetes
+
+
+async def test_e2e_a_running_pod_gets_its_namespaces_search_path(start_server: StartServer, tmp_path: Path) -> None:
+    directory = write_manifests(tmp_path / "m", k8s_pod("prod", "client", POD))
+    running, kubernetes = await start_k8s(start_server, directory)
+    assert kubernetes.settings.watch_pods  # pods disabled, but autopath needs them
+    # "web.data" typed in namespace prod: found one search domain further, as a Service.
+    reply = await ask(running, "web.data.prod.svc.cluster.local")
+    assert answer_text(reply) == [
+        "web.data.prod.svc.cluster.local. 5 IN CNAME web.data.svc.cluster.local.",
+        "web.data.svc.cluster.local. 5 IN A 10.96.1.1",
+    ]
+    # "db" is no Service: found under the node's search domain, outside the cluster.
+    reply = await ask(running, "db.prod.svc.cluster.local")
+    assert answer_text(reply)[0] == "db.prod.svc.cluster.local. 30 IN CNAME db.example.com."
+    # The pod's own namespace answers as asked.
+    reply = await ask(running, "api.prod.svc.cluster.local")
+    assert answer_text(reply) == ["api.prod.svc.cluster.local. 5 IN A 10.96.2.2"]
+    # Another client is no pod: no walk.
+    reply = await ask(running, "web.data.prod.svc.cluster.local", client=OTHER)
+    assert reply.rcode() == dns.rcode.NXDOMAIN
+
+
+@pytest.mark.parametrize("stale_first", [True, False])
+async def test_e2e_a_finished_pod_holding_the_same_ip_is_never_the_client(
+    start_server: StartServer, tmp_path: Path, stale_first: bool
+) -> None:
+    """DESIGN.md failure #3: the IP was reused; the Succeeded pod in "old" still holds it."""
+    stale, live = k8s_pod("old", "job", POD, phase="Succeeded"), k8s_pod("prod", "client", POD)
+    directory = write_manifests(tmp_path / "m", *((stale, live) if stale_first else (live, stale)))
+    running, _kubernetes = await start_k8s(start_server, directory)
+    walked = await ask(running, "web.data.prod.svc.cluster.local")
+    assert answer_text(walked)[0] == "web.data.prod.svc.cluster.local. 5 IN CNAME web.data.svc.cluster.local."
+    not_walked = await ask(running, "web.data.old.svc.cluster.local")
+    assert not_walked.rcode() == dns.rcode.NXDOMAIN
+    assert not_walked.answer == []
+
+
+async def test_e2e_only_a_finished_pod_holds_the_ip_no_walk(start_server: StartServer, tmp_path: Path) -> None:
+    directory = write_manifests(tmp_path / "m", k8s_pod("old", "job", POD, phase="Succeeded"))
+    running, kubernetes = await start_k8s(start_server, directory)
+    assert kubernetes.index.pod_namespaces(POD) == []
+    reply = await ask(running, "web.data.old.svc.cluster.local")
+    assert reply.rcode() == dns.rcode.NXDOMAIN
+
+
+async def test_e2e_a_pod_that_finishes_stops_being_the_client(
+    start_server: StartServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(manifests, "POLL_INTERVAL", 0.02)
+    directory = write_manifests(tmp_path / "m", k8s_pod("old", "job", POD))
+    running, kubernetes = await start_k8s(start_server, directory)
+    assert answer_text(await ask(running, "web.data.old.svc.cluster.local"))[0].endswith("web.data.svc.cluster.local.")
+    write_manifests(directory, k8s_pod("old", "job", POD, phase="Succeeded"), k8s_pod("prod", "client", POD))
+    await wait_for(lambda: kubernetes.index.pod_namespaces(POD) == ["prod"])
+    assert (await ask(running, "web.data.old.svc.cluster.local")).rcode() == dns.rcode.NXDOMAIN
+    assert answer_text(await ask(running, "web.data.prod.svc.cluster.local"))[0].endswith("web.data.svc.cluster.local.")
+
+
+async def test_e2e_with_the_cache_each_client_keeps_its_own_view(start_server: StartServer, tmp_path: Path) -> None:
+    directory = write_manifests(tmp_path / "m", k8s_pod("prod", "client", POD))
+    running, _kubernetes = await start_k8s(start_server, directory, cache=True)
+    name = "web.data.prod.svc.cluster.local"
+    other = await ask(running, name, client=OTHER)  # a shared NXDOMAIN would hide the walk from the pod
+    assert other.rcode() == dns.rcode.NXDOMAIN
+    for _round in range(2):  # the second round comes from the cache
+        pod_a, pod_aaaa = await asyncio.gather(ask(running, name, "A"), ask(running, name, "AAAA"))
+        assert answer_text(pod_a)[0] == f"{name}. 5 IN CNAME web.data.svc.cluster.local."
+        assert pod_aaaa.rcode() == dns.rcode.NOERROR  # NODATA: the Service has no IPv6
+        assert (await ask(running, name, "AAAA", client=OTHER)).rcode() == dns.rcode.NXDOMAIN
