@@ -158,7 +158,8 @@ def expect_args(directive: Directive, least: int, most: int | None = None) -> li
             wanted = f"exactly {least}"
         else:
             wanted = f"{least} to {most}"
-        raise directive.error(f"expected {wanted} argument{'s' if most != 1 else ''}, got {count}")
+        plural = "" if (most if most is not None else least) == 1 else "s"
+        raise directive.error(f"expected {wanted} argument{plural}, got {count}")
     return directive.args
 
 

@@ -162,7 +162,7 @@ ERROR_CASES = [
     ("bad duration", ". {\n erratic {\n  delay 2 soon\n }\n}\n", 3, 'delay: invalid duration "soon"'),
     ("bad number", ". {\n erratic {\n  drop many\n }\n}\n", 3, 'drop: "many" is not a number'),
     ("unknown option", ". {\n erratic {\n  jitter 2\n }\n}\n", 3, 'erratic: unknown option "jitter"'),
-    ("bind needs an address", ". {\n bind\n whoami\n}\n", 2, "bind: expected at least 1 argument"),
+    ("bind needs an address", ". {\n bind\n whoami\n}\n", 2, "bind: expected at least 1 argument, got 0"),
     ("bind bad address", ". {\n bind eth9x\n}\n", 2, '"eth9x" is neither an IP address nor'),
     ("import missing file", ". {\n import nope.conf\n}\n", 2, 'import: no snippet or file named "nope.conf"'),
     ("import without argument", ". {\n import\n}\n", 2, "import takes exactly one argument"),
