@@ -171,7 +171,7 @@ class Index:
         if piece is None:
             return None
         for endpoint in piece.endpoints:
-            if ip in endpoint.addresses:
+            if endpoint.address == ip:
                 return piece, endpoint
         return None
 
@@ -205,7 +205,8 @@ class Index:
         return key
 
     def _apply_slice(self, event: str, obj: Any) -> Key | None:
-        piece, labels, trigger = objects.to_slice(obj)
+        pod_names = self.settings is None or self.settings.endpoint_pod_names
+        piece, labels, trigger = objects.to_slice(obj, pod_names)
         key = (piece.namespace, piece.name)
         noendpoints = self.settings is not None and self.settings.noendpoints
         if event == "DELETED" or noendpoints or not self._wanted(piece.namespace, labels):
@@ -218,8 +219,7 @@ class Index:
         owner = (piece.namespace, piece.service)
         self.service_slices[owner] = (*self.service_slices.get(owner, ()), piece)
         for endpoint in piece.endpoints:
-            for ip in endpoint.addresses:
-                self.endpoint_ips[ip] = piece
+            self.endpoint_ips[endpoint.address] = piece
         self._observe_programming(piece, trigger)
         return key
 
@@ -266,15 +266,15 @@ class Index:
         else:
             self.service_slices.pop(owner, None)
         for endpoint in piece.endpoints:
-            for ip in endpoint.addresses:
-                if self.endpoint_ips.get(ip) is piece:
-                    del self.endpoint_ips[ip]
-                    # Another slice may hold the same address (an endpoint moving between
-                    # slices): keep it findable.
-                    for other in rest:
-                        if any(ip in other_endpoint.addresses for other_endpoint in other.endpoints):
-                            self.endpoint_ips[ip] = other
-                            break
+            ip = endpoint.address
+            if self.endpoint_ips.get(ip) is piece:
+                del self.endpoint_ips[ip]
+                # Another slice may hold the same address (an endpoint moving between
+                # slices): keep it findable.
+                for other in rest:
+                    if any(other_endpoint.address == ip for other_endpoint in other.endpoints):
+                        self.endpoint_ips[ip] = other
+                        break
         return piece
 
     def _remove_pod(self, key: str) -> None:

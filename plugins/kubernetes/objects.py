@@ -60,18 +60,20 @@ class Service:
 
 
 class Endpoint:
-    """One endpoint of an EndpointSlice: its addresses and what names it."""
+    """One address of an EndpointSlice endpoint, and what names it (an endpoint with two
+    addresses becomes two of these, as CoreDNS's EndpointAddress: one object and no tuple
+    per address keeps 30k endpoints small)."""
 
-    __slots__ = ("addresses", "hostname", "pod", "ready")
+    __slots__ = ("address", "hostname", "pod", "ready")
 
-    def __init__(self, addresses: tuple[str, ...], hostname: str, pod: str, ready: bool) -> None:
-        self.addresses = addresses
+    def __init__(self, address: str, hostname: str, pod: str, ready: bool) -> None:
+        self.address = address
         self.hostname = hostname  # "" when unset
-        self.pod = pod  # targetRef name ("" when unset or too long for a label)
+        self.pod = pod  # targetRef name; "" when unset, too long for a label, or not needed
         self.ready = ready
 
     def __repr__(self) -> str:
-        return f"<Endpoint {self.addresses} {self.hostname or self.pod} ready={self.ready}>"
+        return f"<Endpoint {self.address} {self.hostname or self.pod} ready={self.ready}>"
 
 
 class Slice:
@@ -142,6 +144,12 @@ def _list(value: Any, where: str) -> list[Any]:
     return value
 
 
+#: Identical port lists shared by every object that has them (most Services have one of a
+#: handful: 80/TCP, 443/TCP, 53/UDP+TCP). Bounded: past the limit, lists are kept as built.
+_SHARED_PORTS: dict[tuple[Port, ...], tuple[Port, ...]] = {}
+_SHARED_PORTS_LIMIT = 4096
+
+
 def _ports(raw: Any, where: str) -> tuple[Port, ...]:
     ports: list[Port] = []
     for item in _list(raw, where):
@@ -156,7 +164,13 @@ def _ports(raw: Any, where: str) -> tuple[Port, ...]:
         if not isinstance(name, str) or not isinstance(protocol, str):
             raise ValueError(f"{where}: bad port name or protocol")
         ports.append((intern(name.lower()), intern(protocol.upper()), number))
-    return tuple(ports)
+    found = tuple(ports)
+    shared = _SHARED_PORTS.get(found)
+    if shared is not None:
+        return shared
+    if len(_SHARED_PORTS) < _SHARED_PORTS_LIMIT:
+        _SHARED_PORTS[found] = found
+    return found
 
 
 def to_service(obj: Any) -> tuple[Service, Mapping[str, str]]:
@@ -166,6 +180,7 @@ def to_service(obj: Any) -> tuple[Service, Mapping[str, str]]:
     kind = spec.get("type") or CLUSTER_IP
     ports = _ports(spec.get("ports"), "spec.ports")
     publish = bool(spec.get("publishNotReadyAddresses"))
+    name = intern(name)  # shared with the service-name label of its EndpointSlices
     if kind == EXTERNAL_NAME:
         target = spec.get("externalName")
         if not isinstance(target, str) or not target.strip("."):
@@ -179,8 +194,9 @@ def to_service(obj: Any) -> tuple[Service, Mapping[str, str]]:
     return Service(namespace, name, CLUSTER_IP, ips, ports, "", publish), labels_of(meta)
 
 
-def to_slice(obj: Any) -> tuple[Slice, Mapping[str, str], str | None]:
-    """The EndpointSlice, its labels, and its last-change-trigger-time annotation."""
+def to_slice(obj: Any, pod_names: bool = True) -> tuple[Slice, Mapping[str, str], str | None]:
+    """The EndpointSlice, its labels, and its last-change-trigger-time annotation.
+    ``pod_names``: keep each endpoint's pod name (only ``endpoint_pod_names`` uses it)."""
     namespace, name, meta = metadata(obj)
     labels = labels_of(meta)
     service = labels.get(SERVICE_NAME_LABEL)
@@ -190,7 +206,7 @@ def to_slice(obj: Any) -> tuple[Slice, Mapping[str, str], str | None]:
     endpoints: list[Endpoint] = []
     if address_type in ("IPv4", "IPv6"):  # FQDN slices name no address DNS could serve
         for raw in _list(obj.get("endpoints"), "endpoints"):
-            endpoints.append(_endpoint(_mapping(raw, "endpoints")))
+            endpoints.extend(_endpoints(_mapping(raw, "endpoints"), pod_names))
     ports = _ports(obj.get("ports"), "ports")
     annotations = _mapping(meta.get("annotations"), "metadata.annotations")
     trigger = annotations.get(TRIGGER_TIME_ANNOTATION)
@@ -201,8 +217,8 @@ def to_slice(obj: Any) -> tuple[Slice, Mapping[str, str], str | None]:
     )
 
 
-def _endpoint(raw: Mapping[str, Any]) -> Endpoint:
-    addresses = tuple(normal_ip(address) for address in _list(raw.get("addresses"), "endpoints[].addresses"))
+def _endpoints(raw: Mapping[str, Any], pod_names: bool) -> list[Endpoint]:
+    addresses = [normal_ip(address) for address in _list(raw.get("addresses"), "endpoints[].addresses")]
     conditions = _mapping(raw.get("conditions"), "endpoints[].conditions")
     ready = conditions.get("ready")
     hostname = raw.get("hostname") or ""
@@ -210,9 +226,12 @@ def _endpoint(raw: Mapping[str, Any]) -> Endpoint:
     pod = target.get("name") or ""
     if not isinstance(hostname, str) or not isinstance(pod, str):
         raise ValueError("endpoints[]: hostname or targetRef.name is not a string")
-    if len(pod) > 63:  # not a DNS label: CoreDNS drops it too
+    if len(pod) > 63 or not pod_names:  # too long for a label: CoreDNS drops it too
         pod = ""
-    return Endpoint(addresses, hostname.lower(), pod.lower(), ready is None or bool(ready))
+    hostname = hostname.lower()
+    pod = pod.lower()
+    ready = ready is None or bool(ready)
+    return [Endpoint(address, hostname, pod, ready) for address in addresses]
 
 
 def to_pod(obj: Any) -> tuple[str, str, tuple[str, ...], bool, str, Mapping[str, str]]:

@@ -101,13 +101,14 @@ def _strip(label: str) -> str:
     return label[1:] if label.startswith("_") else label
 
 
-def endpoint_name(endpoint: Endpoint, address: str, pod_names: bool) -> str:
+def endpoint_name(endpoint: Endpoint, pod_names: bool) -> str:
     """The endpoint's label: its hostname, else (endpoint_pod_names) its pod's name, else
     its address with dashes (IPv6 too; a trailing dash gets a 0, as in CoreDNS)."""
     if endpoint.hostname:
         return endpoint.hostname
     if pod_names and endpoint.pod:
         return endpoint.pod
+    address = endpoint.address
     if "." in address:
         return address.replace(".", "-")
     dashed = address.replace(":", "-")
@@ -232,13 +233,12 @@ class Answerer:
         pod_names = self.settings.endpoint_pod_names
         items: list[Item] = []
         for endpoint, ports in self.index.endpoint_groups(service):
-            for address in endpoint.addresses:
-                label = endpoint_name(endpoint, address, pod_names)
-                if parsed.endpoint and parsed.endpoint != label:
-                    continue
-                for port_name, protocol, number in ports or (("", "", -1),):
-                    if _port_matches(parsed, port_name, protocol):
-                        items.append(Item(address, number, f"{label}.{base}"))
+            label = endpoint_name(endpoint, pod_names)
+            if parsed.endpoint and parsed.endpoint != label:
+                continue
+            for port_name, protocol, number in ports or (("", "", -1),):
+                if _port_matches(parsed, port_name, protocol):
+                    items.append(Item(endpoint.address, number, f"{label}.{base}"))
         return items or None
 
     def services(self, name: str, zone: str, qtype: int) -> Items:
@@ -297,7 +297,7 @@ class Answerer:
             return None
         if not endpoint.ready and (owner is None or not owner.publish_not_ready):
             return None
-        label = endpoint_name(endpoint, ip, self.settings.endpoint_pod_names)
+        label = endpoint_name(endpoint, self.settings.endpoint_pod_names)
         return [Item(f"{label}.{piece.service}.{piece.namespace}.svc.{self.primary}", -1, name)]
 
     # -- answering ---------------------------------------------------------------------------
