@@ -72,6 +72,11 @@ class Endpoint:
         self.pod = pod  # targetRef name; "" when unset, too long for a label, or not needed
         self.ready = ready
 
+    @property
+    def addresses(self) -> tuple[str, ...]:
+        """The address as a one-element tuple (the EndpointSlice endpoint's shape)."""
+        return (self.address,)
+
     def __repr__(self) -> str:
         return f"<Endpoint {self.address} {self.hostname or self.pod} ready={self.ready}>"
 
