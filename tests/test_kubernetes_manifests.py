@@ -168,6 +168,28 @@ async def test_malformed_objects_are_logged_and_skipped(
     assert "ignored malformed Pod testns/p" in joined
 
 
+async def test_names_that_cannot_be_labels(start_server: StartServer, tmp_path: Path, captured: Capture) -> None:
+    """Names that could not be packed into a reply are refused at the index (logged), or,
+    for an endpoint's hostname, replaced by the dashed address."""
+    long_host = endpoint("172.0.0.1", hostname="h" * 64)
+    dump(
+        tmp_path / "a.yaml",
+        namespace("testns"),
+        service("testns", "dotted.name", ["10.0.0.1"], HTTP),
+        service("testns", "x" * 64, ["10.0.0.2"], HTTP),
+        service("testns", "ext", None, type="ExternalName", externalName="bad name.example"),
+        service("testns", "h", ["None"], HTTP),
+        endpoint_slice("testns", "h-1", "h", [long_host], HTTP),
+    )
+    running = await start(start_server, tmp_path)
+    assert plugin_of(running).index.counts()["Service"] == 1
+    joined = "\n".join(captured.messages)
+    assert "service name 'dotted.name' cannot be a DNS label" in joined
+    assert "spec.externalName 'bad name.example' is not a host name" in joined
+    reply = await running.udp(f"h.{T}", "SRV")
+    assert texts(reply.answer) == [f"h.{T} 5 SRV 0 100 80 172-0-0-1.h.{T}"]
+
+
 async def test_file_forms(start_server: StartServer, tmp_path: Path) -> None:
     """Multi-document YAML, kind: List, API lists whose items have no kind, JSON; other
     kinds, other suffixes, hidden files and subdirectories are ignored; namespaces named

@@ -11,6 +11,7 @@ EndpointSlices, 50k Pods) costs megabytes, not hundreds of them. Each converter 
 from __future__ import annotations
 
 import ipaddress
+import re
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -23,6 +24,11 @@ SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 TRIGGER_TIME_ANNOTATION = "endpoints.kubernetes.io/last-change-trigger-time"
 
 intern = sys.intern
+
+#: What may stand in one label of an answer's name (Kubernetes' DNS-1123 labels, and
+#: underscores): a name outside it could not be packed into a reply.
+_LABEL = re.compile(r"[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?")
+_HOSTNAME = re.compile(r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?")
 
 #: A port: (name, protocol, number); name "" when unnamed, protocol "TCP"/"UDP"/"SCTP".
 Port = tuple[str, str, int]
@@ -115,7 +121,21 @@ def metadata(obj: Any) -> tuple[str, str, Mapping[str, Any]]:
     namespace = meta.get("namespace") or "default"
     if not isinstance(namespace, str):
         raise ValueError("metadata.namespace is not a string")
-    return intern(namespace.lower()), name.lower(), meta
+    return dns_label(namespace, "namespace"), name.lower(), meta
+
+
+def dns_label(text: str, what: str) -> str:
+    """``text`` lower-cased and interned if it can be one label of a DNS name."""
+    lowered = text.lower()
+    if not _LABEL.fullmatch(lowered):
+        raise ValueError(f"{what} {text[:80]!r} cannot be a DNS label")
+    return intern(lowered)
+
+
+def _optional_label(text: str) -> str:
+    """A name used as a label only when it can be one (else "": the caller falls back)."""
+    lowered = text.lower()
+    return lowered if _LABEL.fullmatch(lowered) else ""
 
 
 def labels_of(meta: Mapping[str, Any]) -> Mapping[str, str]:
@@ -185,12 +205,15 @@ def to_service(obj: Any) -> tuple[Service, Mapping[str, str]]:
     kind = spec.get("type") or CLUSTER_IP
     ports = _ports(spec.get("ports"), "spec.ports")
     publish = bool(spec.get("publishNotReadyAddresses"))
-    name = intern(name)  # shared with the service-name label of its EndpointSlices
+    name = dns_label(name, "service name")  # interned: shared with its slices' label
     if kind == EXTERNAL_NAME:
         target = spec.get("externalName")
         if not isinstance(target, str) or not target.strip("."):
             raise ValueError("ExternalName service without spec.externalName")
-        external = target.lower().rstrip(".") + "."
+        external = target.lower().rstrip(".")
+        if not _HOSTNAME.fullmatch(external) or not all(0 < len(part) < 64 for part in external.split(".")):
+            raise ValueError(f"spec.externalName {target[:80]!r} is not a host name")
+        external += "."
         return Service(namespace, name, EXTERNAL_NAME, (), ports, external, publish), labels_of(meta)
     raw_ips = _list(spec.get("clusterIPs"), "spec.clusterIPs") or [spec.get("clusterIP")]
     if raw_ips[0] == "None":
@@ -216,7 +239,7 @@ def to_slice(obj: Any, pod_names: bool = True) -> tuple[Slice, Mapping[str, str]
     annotations = _mapping(meta.get("annotations"), "metadata.annotations")
     trigger = annotations.get(TRIGGER_TIME_ANNOTATION)
     return (
-        Slice(namespace, name, intern(service.lower()), tuple(endpoints), ports),
+        Slice(namespace, name, dns_label(service, "service name"), tuple(endpoints), ports),
         labels,
         trigger if isinstance(trigger, str) else None,
     )
@@ -231,10 +254,10 @@ def _endpoints(raw: Mapping[str, Any], pod_names: bool) -> list[Endpoint]:
     pod = target.get("name") or ""
     if not isinstance(hostname, str) or not isinstance(pod, str):
         raise ValueError("endpoints[]: hostname or targetRef.name is not a string")
-    if len(pod) > 63 or not pod_names:  # too long for a label: CoreDNS drops it too
-        pod = ""
-    hostname = hostname.lower()
-    pod = pod.lower()
+    # A hostname or pod name that cannot be a label is not used (the dashed address
+    # names the endpoint instead); CoreDNS drops pod names over 63 characters too.
+    hostname = _optional_label(hostname)
+    pod = _optional_label(pod) if pod_names else ""
     ready = ready is None or bool(ready)
     return [Endpoint(address, hostname, pod, ready) for address in addresses]
 
@@ -265,4 +288,4 @@ def to_namespace(obj: Any) -> tuple[str, Mapping[str, str]]:
     name = meta.get("name")
     if not isinstance(name, str) or not name:
         raise ValueError("no metadata.name")
-    return intern(name.lower()), labels_of(meta)
+    return dns_label(name, "namespace"), labels_of(meta)
