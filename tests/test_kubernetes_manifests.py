@@ -305,6 +305,19 @@ async def test_start_waits_for_the_first_sync(start_server: StartServer, tmp_pat
     assert plugin_of(running).index.synced  # no waiting needed: start() waited
 
 
+async def test_a_reload_starts_a_new_index_and_stops_the_old_source(start_server: StartServer, tmp_path: Path) -> None:
+    dump(tmp_path / "a.yaml", service("ns1", "one", ["10.0.0.1"]))
+    running = await start(start_server, tmp_path)
+    old = plugin_of(running)
+    await running.reconfigure(corefile(tmp_path, "ttl 42"))
+    new = plugin_of(running)
+    assert new is not old and new.index.synced
+    assert texts((await running.udp("one.ns1.svc.cluster.local.", "A")).answer) == [
+        "one.ns1.svc.cluster.local. 42 A 10.0.0.1"
+    ]
+    await wait_for(lambda: old._task is None)  # stopped once its queries were answered
+
+
 # -- metrics ---------------------------------------------------------------------------------------
 
 
