@@ -147,17 +147,6 @@ class Index:
     def namespace_exists(self, namespace: str) -> bool:
         return namespace in self.namespaces
 
-    def namespace_exposed(self, namespace: str) -> bool:
-        """Does the Corefile let this namespace be served (``namespaces``, ``namespace_labels``)?"""
-        settings = self.settings
-        if settings is None:
-            return True
-        if settings.namespaces:
-            return namespace in settings.namespaces
-        if settings.namespace_labels:
-            return namespace in self.namespaces  # only matching namespaces are kept
-        return True
-
     def pod_namespaces(self, ip: str) -> list[str]:
         """Namespaces of the Running pods holding ``ip`` (normally one)."""
         found = self.pod_ips.get(ip)
