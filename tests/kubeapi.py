@@ -13,9 +13,10 @@ gets an ERROR event carrying a 410 Status.
 Tests drive it through methods: ``add``/``update``/``delete`` objects, ``compact`` the
 history, ``drop_watches`` (abruptly) or ``end_watches`` (cleanly, as a watch timeout does),
 ``bookmark``, ``fail`` the next N requests, answer the next watches with HTTP 410
-(``gone``), ``stop``/``restart`` on the same port, and read ``requests``/``log`` to see what
-the client asked. Object builders (``service``, ``endpointslice``, ``pod``, ``namespace``)
-return complete objects (kind, apiVersion) that also serve as YAML manifests.
+(``gone``), ``hold`` requests until ``release``, ``stop``/``restart`` on the same port, and
+read ``requests``/``log`` to see what the client asked. Object builders (``service``,
+``endpointslice``, ``pod``, ``namespace``) return complete objects (kind, apiVersion) that
+also serve as YAML manifests.
 
 Usage::
 
@@ -292,6 +293,10 @@ class FakeKubeAPI:
         self._snapshots: dict[str, tuple[int, list[Obj]]] = {}
         self._runner: web.AppRunner | None = None
         self._handlers: set[asyncio.Task[Any]] = set()
+        self._open = asyncio.Event()
+        self._open.set()
+        #: Requests waiting while the server is held (see ``hold``).
+        self.held = 0
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -400,6 +405,14 @@ class FakeKubeAPI:
         """Answer the next ``times`` watch requests with HTTP 410 directly (no stream)."""
         self.fail(times, 410, path, watch_only=True)
 
+    def hold(self) -> None:
+        """Accept requests but answer none until ``release`` (an API server that is slow to
+        answer; benchmarks use it to measure a client before its first list arrives)."""
+        self._open.clear()
+
+    def release(self) -> None:
+        self._open.set()
+
     def watches(self, path: str | None = None) -> list[Logged]:
         """The watch requests received so far (optionally only those for ``path``)."""
         return [entry for entry in self.log if entry.watch and (path is None or entry.path == path)]
@@ -457,6 +470,12 @@ class FakeKubeAPI:
         entry = Logged(request.path, dict(request.query))
         self.log.append(entry)
         self.requests[request.path] += 1
+        if not self._open.is_set():
+            self.held += 1
+            try:
+                await self._open.wait()
+            finally:
+                self.held -= 1
         if self.token is not None and request.headers.get("Authorization") != f"Bearer {self.token}":
             return self._status(401, "Unauthorized")
         for failure in self._failures:

@@ -580,6 +580,30 @@ def test_in_cluster_without_a_token_file_is_an_error(tmp_path: Path, monkeypatch
         kapi.api_source(Settings(zones=[ZONE]), Index(), None, "/")
 
 
+@pytest.mark.parametrize(
+    "document",
+    [
+        {"kind": "ServiceList", "apiVersion": "v1", "metadata": {"resourceVersion": "7"}, "items": []},
+        {"items": [{"a": [1, {"b": "]}"}]}, {"c": None}], "metadata": {"continue": "x", "resourceVersion": "9"}},
+        {"metadata": {"resourceVersion": "3"}, "items": None},
+        {},
+    ],
+)
+@pytest.mark.parametrize("indent", [None, 2])
+def test_parse_list_hands_over_each_item(document: dict[str, Any], indent: int | None) -> None:
+    seen: list[Any] = []
+    metadata, count = kapi.parse_list(json.dumps(document, indent=indent), lambda item: seen.append(item) or 1)
+    assert metadata == document.get("metadata", {})
+    assert seen == (document.get("items") or [])
+    assert count == len(seen)
+
+
+@pytest.mark.parametrize("text", ["", "[]", '{"items": [1 2]}', '{"items": [1,', '{"a" 1}', '{"a": 1,}', "{'a': 1}"])
+def test_parse_list_rejects_what_is_not_a_list(text: str) -> None:
+    with pytest.raises(ValueError):
+        kapi.parse_list(text, lambda item: 1)
+
+
 def test_backoff_doubles_with_jitter_up_to_the_cap(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(kapi, "BACKOFF_INITIAL", 0.5)
     monkeypatch.setattr(kapi, "BACKOFF_MAX", 30.0)

@@ -29,7 +29,9 @@ Running then arrives as DELETED, as the API server sends objects leaving a field
 Cost: the client is kubernetes-asyncio's ``ApiClient`` (configuration, TLS, bearer tokens
 and their refresh), but responses are read raw (``_preload_content=False``) and decoded
 with ``json``: its model classes would cost seconds and hundreds of megabytes at 50k pods,
-and its ``Watch`` helper hides the 410s we act on. Importing the ``kubernetes_asyncio``
+and its ``Watch`` helper hides the 410s we act on. List pages are decoded one item at a time
+with the garbage collector paused (``parse_list``, ``_no_gc``) and the C heap is trimmed
+after each full list: at 50k Pods that halves the sync time and saves 35 MB of RSS. Importing the ``kubernetes_asyncio``
 package the usual way loads all its ~700 model classes and ~60 API classes, about 40 MB
 and 0.4 s; ``_lean_import`` loads only the modules used here (about 2 MB), and the
 package completes itself on first use of anything else (see there).
@@ -38,12 +40,16 @@ package completes itself on first use of anything else (see there).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
+import gc
 import importlib.util
 import json
 import os
 import random
+import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -296,6 +302,114 @@ class Backoff:
         self.failures = 0
 
 
+# -- reading a list page ------------------------------------------------------------------------
+
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+_DECODER = json.JSONDecoder()
+
+
+def _skip(text: str, position: int) -> int:
+    """The position after any JSON whitespace at ``position``."""
+    return _WHITESPACE.match(text, position).end()  # type: ignore[union-attr]
+
+
+def parse_list(text: str, on_item: Callable[[Any], int]) -> tuple[dict[str, Any], int]:
+    """Read a list response (``{"kind": ..., "metadata": {...}, "items": [...]}``) and hand
+    each item to ``on_item`` as soon as it is decoded; the list's metadata and the sum of
+    what ``on_item`` returned.
+
+    Why not ``json.loads`` the page: a page of 500 Pods decodes to some 20 MB of small
+    objects, alive until the last item is applied. The index's long-lived objects are
+    allocated among them, so the allocator's arenas stay pinned when the page is freed:
+    at 50k Pods that fragmentation cost 30 MB of RSS. Decoding one item at a time keeps
+    the garbage to one object. Raises ValueError for anything that is not such a list.
+    """
+    end = len(text)
+    position = _skip(text, 0)
+    if position >= end or text[position] != "{":
+        raise ValueError("the list response is not a JSON object")
+    metadata: dict[str, Any] = {}
+    applied = 0
+    position = _skip(text, position + 1)
+    if position < end and text[position] == "}":
+        return metadata, applied
+    while True:
+        if position >= end or text[position] != '"':
+            raise ValueError(f"malformed list response at offset {position}")
+        key, position = json.decoder.scanstring(text, position + 1)
+        position = _skip(text, position)
+        if position >= end or text[position] != ":":
+            raise ValueError(f"malformed list response at offset {position}")
+        position = _skip(text, position + 1)
+        if key == "items" and text.startswith("[", position):
+            position = _skip(text, position + 1)
+            if text.startswith("]", position):
+                position += 1
+            else:
+                while True:
+                    item, position = _DECODER.raw_decode(text, position)
+                    applied += on_item(item)
+                    del item
+                    position = _skip(text, position)
+                    if text.startswith(",", position):
+                        position = _skip(text, position + 1)
+                    elif text.startswith("]", position):
+                        position += 1
+                        break
+                    else:
+                        raise ValueError(f"malformed list items at offset {position}")
+        else:
+            value, position = _DECODER.raw_decode(text, position)
+            if key == "metadata" and isinstance(value, dict):
+                metadata = value
+        position = _skip(text, position)
+        if text.startswith(",", position):
+            position = _skip(text, position + 1)
+        elif text.startswith("}", position):
+            return metadata, applied
+        else:
+            raise ValueError(f"malformed list response at offset {position}")
+
+
+def _load_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim  # type: ignore[no-any-return]
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+        return None
+
+
+_MALLOC_TRIM = _load_trim() if sys.platform.startswith("linux") else None
+
+
+def _trim_heap() -> None:
+    """Give the C heap's free memory back to the system after a full list.
+
+    Page bodies (a few MB each) come from glibc's heap once its adaptive mmap threshold has
+    risen; after the list the heap is mostly free but not returned: about 10 MB of RSS at
+    50k Pods. ``malloc_trim`` returns it in a millisecond; it runs once per full list.
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
+@contextlib.contextmanager
+def _no_gc() -> Iterator[None]:
+    """Pause the cyclic garbage collector while a page is decoded and applied.
+
+    Decoding creates some 100k containers per page; each burst triggers collections that
+    walk the whole, growing index (half the sync time at 50k Pods). Decoded JSON holds no
+    reference cycles, so reference counting frees it all the same. Nothing else runs on
+    the loop meanwhile: the pause ends before the next await.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 # -- one kind: list, then watch forever --------------------------------------------------------
 
 
@@ -358,13 +472,10 @@ class Reflector:
                 body = await response.read()
             finally:
                 response.release()
-            page = json.loads(body)
+            with _no_gc():
+                metadata, applied = parse_list(body.decode("utf-8"), self._apply_added)
             del body
-            if not isinstance(page, dict):
-                raise ValueError("the list response is not a JSON object")
-            metadata = page.get("metadata") or {}
-            for item in page.get("items") or ():
-                count += self._apply("ADDED", item)
+            count += applied
             self.backoff.reset()  # a page arrived: the server is back
             token = metadata.get("continue")
             if not token:
@@ -373,6 +484,7 @@ class Reflector:
                     raise ValueError("the list response has no metadata.resourceVersion")
                 index.end_list(self.kind)
                 log.debug("%s: listed %d objects at resource version %s", self.kind, count, version)
+                _trim_heap()
                 return str(version)
 
     # -- watch ---------------------------------------------------------------------------------
@@ -426,6 +538,9 @@ class Reflector:
         elif kind != "BOOKMARK":
             log.warning("%s: ignored a watch event of unknown type %r", self.kind, kind)
         return str(current) if current else version
+
+    def _apply_added(self, obj: Any) -> int:
+        return self._apply("ADDED", obj)
 
     def _apply(self, event: str, obj: Any) -> int:
         """Hand one object to the index (unless its namespace is not served); 1 if handed."""
