@@ -34,7 +34,7 @@ from plugins.kubernetes.settings import Settings
 from resolver.metrics import Metrics
 from tests.conftest import StartServer
 from tests.helpers import LOOPBACK, Capture, Running, wait_for
-from tests.kubeapi import FakeKubeAPI, endpointslice, namespace, pod, service
+from tests.kubeapi import FakeKubeAPI, endpointslice, namespace, pod, service, status
 
 ZONE = "cluster.local."
 SERVICES = "/api/v1/services"
@@ -322,6 +322,23 @@ async def test_malformed_data_is_skipped(fake: FakeKubeAPI, sources: Sources) ->
     fake.add(service("later", "default", "10.0.0.2"))
     await wait_for(lambda: "default/later" in names(index))
     assert "default/good" in names(index)
+
+
+async def test_other_errors_in_the_stream_resume_without_relisting(fake: FakeKubeAPI, sources: Sources) -> None:
+    fake.add(namespace("default"), service("web", "default", "10.0.0.1"))
+    source, index = sources.run(settings_for(fake))
+    await synced(index)
+    await wait_for(lambda: fake.open_watches() == 3)
+    fake.add(service("api", "default", "10.0.0.2"))
+    await wait_for(lambda: "default/api" in names(index))
+    seen = fake.rv
+    (watcher,) = [w for w in fake.watchers if w.resource.plural == "services"]
+    watcher.queue.put_nowait(("ERROR", status(500, "InternalError", "etcd is sad")))
+    await wait_for(lambda: len(fake.watches(SERVICES)) == 2)
+    assert fake.watches(SERVICES)[1].query["resourceVersion"] == str(seen)
+    assert source.restarts.get(("Service",)) == 1
+    assert source.relists.values == {}
+    assert names(index) == {"default/web", "default/api"}
 
 
 async def test_cancel_closes_the_client_session(fake: FakeKubeAPI) -> None:
