@@ -27,6 +27,9 @@ every server N times, taking turns, and keeps each figure's best (the JSON keeps
 round, and ``load1``, the load average before each run); compare servers within one run
 only.
 
+``--workers N`` adds the project with ``-workers N`` beside a single process, nothing
+pinned (dnsperf neither): cache hits over UDP and TCP (``--servers ''`` runs only that).
+
 The upstream shares CPU 0 with dnsperf, so the server under test has CPU 1 to itself;
 at high miss rates the upstream and dnsperf compete, which caps every server alike.
 """
@@ -249,6 +252,19 @@ def tree_rss_mb(pid: int) -> float:
     return round(total / 2**20, 1)
 
 
+def tree_pss_mb(pid: int) -> float:
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0.0
+    total = 0
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            total += proc.memory_full_info().pss
+    return round(total / 2**20, 1)
+
+
 def free_port() -> int:
     """A port free for both UDP and TCP on 127.0.0.1 right now."""
     for _ in range(50):
@@ -424,12 +440,18 @@ def server_command(kind: str, port: int, upstream: int, workdir: Path, workers: 
 
 
 def dnsperf_run(
-    port: int, queries: Path, seconds: float, rate: int | None = None, once: bool = False, cpu: str | None = CLIENT_CPU
+    port: int,
+    queries: Path,
+    seconds: float,
+    rate: int | None = None,
+    once: bool = False,
+    cpu: str | None = CLIENT_CPU,
+    mode: str = "udp",
 ) -> str:
-    """dnsperf over UDP; ``once`` stops at the end of the file (a miss file is never reread)."""
+    """dnsperf; ``once`` stops at the end of the file (a miss file is never reread)."""
     command = ["taskset", "-c", cpu] if cpu is not None else []
-    command += ["dnsperf", "-s", "127.0.0.1", "-p", str(port), "-d", str(queries), "-l", str(seconds)]
-    command += ["-c", "4", "-q", "500"] + (["-n", "1"] if once else [])
+    command += ["dnsperf", "-s", "127.0.0.1", "-p", str(port), "-d", str(queries), "-l", str(seconds), "-m", mode]
+    command += ["-c", "4" if mode == "udp" else "2", "-q", "500"] + (["-n", "1"] if once else [])
     if rate:
         command += ["-Q", str(rate), "-v"]
     return subprocess.run(command, capture_output=True, text=True, timeout=seconds + 30).stdout
@@ -437,7 +459,7 @@ def dnsperf_run(
 
 def measure(kind: str, args: argparse.Namespace, procs: Processes, files: dict[str, Path]) -> dict[str, Any]:
     where = args.workdir / kind
-    where.mkdir()
+    where.mkdir(exist_ok=True)
     port = free_port()
     command = server_command(kind, port, args.upstream_port, where)
     begin = time.monotonic()
@@ -470,6 +492,34 @@ def measure(kind: str, args: argparse.Namespace, procs: Processes, files: dict[s
         return figures
     except RuntimeError as exc:
         raise RuntimeError(f"{kind}: {exc}\n{procs.log_tail(kind)}") from None
+    finally:
+        procs.stop(proc)
+
+
+def measure_workers(count: int, args: argparse.Namespace, procs: Processes, files: dict[str, Path]) -> dict[str, Any]:
+    """Cache hits from the project with ``-workers count``, nothing pinned (dnsperf
+    neither): what more processes buy on this machine's cores."""
+    where = args.workdir / f"workers{count}"
+    where.mkdir(exist_ok=True)
+    port = free_port()
+    proc = procs.start(f"workers{count}", server_command("project", port, args.upstream_port, where, count), None)
+    try:
+        wait_answering(proc, port, f"h1.{ZONE}")
+        time.sleep(0.3)
+        # RSS counts the pages workers share with the supervisor once per process; PSS
+        # splits them: the sum of PSS is what the processes take together.
+        figures: dict[str, Any] = {"rss_start_mb": tree_rss_mb(proc.pid), "pss_start_mb": tree_pss_mb(proc.pid)}
+        dnsperf_run(port, files["hot"], 1, once=True, cpu=None)
+        cpu_before = tree_cpu_seconds(proc.pid)
+        output = dnsperf_run(port, files["hot"], args.seconds, cpu=None)
+        cpu_used = tree_cpu_seconds(proc.pid) - cpu_before
+        figures["hit_udp_qps"] = round(qps(output))
+        figures["hit_udp_lost_pct"] = lost(output)
+        figures["hit_cpu_s_per_100k"] = round(cpu_used / max(_completed(output), 1) * 100_000, 3)
+        figures["hit_tcp_qps"] = round(qps(dnsperf_run(port, files["hot"], args.seconds, cpu=None, mode="tcp")))
+        return figures
+    except RuntimeError as exc:
+        raise RuntimeError(f"workers {count}: {exc}\n{procs.log_tail(f'workers{count}')}") from None
     finally:
         procs.stop(proc)
 
@@ -561,6 +611,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate-seconds", type=float, default=4, help="length of each fixed-rate run")
     parser.add_argument("--servers", default=",".join(PEERS), help="which of project,dnsmasq,unbound to run")
     parser.add_argument("--rounds", type=int, default=1, help="measure every server N times; keep the best")
+    parser.add_argument(
+        "--workers", type=int, default=0, help="also compare the project unpinned with 1 and N worker processes"
+    )
     parser.add_argument("--upstream", choices=("nsd", "knot"), default="nsd")
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "compare.json")
     args = parser.parse_args(argv)
@@ -595,7 +648,19 @@ def run(args: argparse.Namespace, servers: list[str], procs: Processes) -> int:
             rounds[-1][kind] = {**measure(kind, args, procs, files), "load1": round(load, 2)}
     results = best_of(rounds)
     relative = ratios(results)
-    print(render(results, relative))
+    if results:
+        print(render(results, relative))
+    scaling: dict[str, dict[str, Any]] = {}
+    if args.workers > 1:
+        runs = []
+        for number in range(args.rounds):
+            runs.append({})
+            for count in (1, args.workers):
+                print(f"round {number + 1}: project, {count} worker(s), unpinned ...", flush=True)
+                load = os.getloadavg()[0]
+                runs[-1][f"workers={count}"] = {**measure_workers(count, args, procs, files), "load1": round(load, 2)}
+        scaling = best_of(runs)
+        print(render(scaling, {}))
     report = {
         "python": sys.version.split()[0],
         "upstream": args.upstream,
@@ -605,6 +670,7 @@ def run(args: argparse.Namespace, servers: list[str], procs: Processes) -> int:
         "rounds": rounds,
         "results": results,
         "project_over_peer": relative,
+        "workers_unpinned": scaling,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")

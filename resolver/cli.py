@@ -1,11 +1,13 @@
 """Command line: CoreDNS's flags, startup, signals and reloads.
 
-    resolver [-conf FILE|stdin] [-dns.port N] [-plugins] [-version] [-quiet] [-pidfile FILE]
+    resolver [-conf FILE|stdin] [-dns.port N] [-workers N] [-plugins] [-version] [-quiet] [-pidfile FILE]
 
 Flags take one dash, as in CoreDNS (two work as well). Without ``-conf`` the server reads
 ``./Corefile``. A Corefile problem prints one ``file:line: problem`` line on stderr and
 exits 1; SIGTERM or SIGINT shut down gracefully and exit 0; SIGUSR1 reloads the Corefile,
-keeping the running configuration if the new one does not load.
+keeping the running configuration if the new one does not load. ``-workers N`` serves
+from N processes sharing the ports (``resolver.workers``); signals go to the first
+process, which passes them on.
 """
 
 from __future__ import annotations
@@ -26,8 +28,11 @@ from resolver.endpoints import EndpointError
 from resolver.plugin import Registry
 from resolver.runtime import Runtime
 from resolver.server import ListenError, Server
+from resolver.workers import NoHTTPEndpoints, Ready, Supervisor
 
 log = logs.core_logger()
+
+MAX_WORKERS = 256
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -45,7 +50,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     flag("version", action="store_true", help="show the version and exit")
     flag("quiet", action="store_true", help="no initialization output")
     flag("pidfile", metavar="FILE", default=None, help="write the process ID to FILE")
+    flag(
+        "workers",
+        metavar="N",
+        type=_workers,
+        default=1,
+        help="serve from N processes sharing the ports (SO_REUSEPORT), each with its own cache (default: 1)",
+    )
     return parser.parse_args(argv)
+
+
+def _workers(text: str) -> int:
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if not 1 <= count <= MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f'invalid number of workers "{text}" (1 to {MAX_WORKERS})')
+    return count
 
 
 def _port(text: str) -> int:
@@ -105,7 +127,46 @@ def main(argv: list[str] | None = None) -> int:
     except CorefileError as exc:
         print(exc, file=sys.stderr)
         return 1
+    if args.workers > 1:
+        return _supervise(config, text, file, args, registry)
     return _run(lambda: serve(config, args, registry))
+
+
+def _supervise(config: Config, text: str, file: str, args: argparse.Namespace, registry: Registry) -> int:
+    """Run ``args.workers`` worker processes (the Corefile is known to load)."""
+    keys = [(block_key.zone, block_key.port) for block in config.blocks for block_key in block.keys]
+    del config  # each worker loads its own: no plugin instance crosses a fork
+
+    def worker(index: int, ports: dict[int, int], ready: Ready) -> int:
+        runtime = Runtime(corefile=None if args.conf == "stdin" else (args.conf or "Corefile"))
+        if index > 0:
+            runtime.http = NoHTTPEndpoints()  # worker 0 alone serves health, ready, metrics
+        try:
+            config = load(text, file, registry, args.port, directory=_directory_of(file), runtime=runtime)
+        except CorefileError as exc:
+            print(exc, file=sys.stderr)
+            return 1
+        return _run(lambda: serve(config, args, registry, worker=(ports, ready)))
+
+    supervisor = Supervisor(args.workers, worker)
+    if not supervisor.start():
+        return supervisor.status
+    try:
+        if args.pidfile:
+            try:
+                Path(args.pidfile).write_text(f"{os.getpid()}\n")
+            except OSError as exc:
+                print(f"cannot write pidfile {args.pidfile}: {exc.strerror or exc}", file=sys.stderr)
+                supervisor.stop(status=1)
+                return supervisor.wait()
+        if not args.quiet:
+            for zone, port in keys:
+                print(f"{zone}:{supervisor.ports.get(port, port)}")
+            print(f"{version_text()}, {args.workers} workers", flush=True)
+        return supervisor.wait()
+    finally:
+        if args.pidfile:
+            Path(args.pidfile).unlink(missing_ok=True)
 
 
 def _directory_of(file: str) -> Path:
@@ -123,34 +184,51 @@ def _run(entry: object) -> int:
         return runner.run(entry())  # type: ignore[operator]
 
 
-async def serve(config: Config, args: argparse.Namespace, registry: Registry) -> int:
-    """Serve until SIGTERM/SIGINT; return the exit status."""
-    server = Server(config.runtime)
+async def serve(
+    config: Config,
+    args: argparse.Namespace,
+    registry: Registry,
+    worker: tuple[dict[int, int], Ready] | None = None,
+) -> int:
+    """Serve until SIGTERM/SIGINT; return the exit status.
+
+    ``worker`` is set in a worker process of ``-workers N``: the ports to bind for ``:0``
+    listeners (those worker 0 got) and how to tell the supervisor it is listening. The
+    supervisor then writes the pidfile and the banner, and handles SIGINT.
+    """
+    ports, ready = worker if worker is not None else ({}, None)
+    pidfile = args.pidfile if worker is None else None  # the supervisor's, not a worker's
+    server = Server(config.runtime, reuse_port=worker is not None, assigned_ports=ports)
     try:
         await server.apply(config)
     except (ListenError, CorefileError, EndpointError, OSError) as exc:
         print(f"{config.file}: {exc}" if isinstance(exc, ListenError) else str(exc), file=sys.stderr)
         return 1
-    if args.pidfile:  # before the banner: whoever waits for the banner may read it next
+    if pidfile:  # before the banner: whoever waits for the banner may read it next
         try:
-            Path(args.pidfile).write_text(f"{os.getpid()}\n")
+            Path(pidfile).write_text(f"{os.getpid()}\n")
         except OSError as exc:
-            print(f"cannot write pidfile {args.pidfile}: {exc.strerror or exc}", file=sys.stderr)
+            print(f"cannot write pidfile {pidfile}: {exc.strerror or exc}", file=sys.stderr)
             await server.shutdown()
             return 1
-    if not args.quiet:
+    if ready is None and not args.quiet:
         _print_banner(server, config)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     received: list[str] = []
 
     def on_stop(signame: str) -> None:
+        if received and ready is not None:
+            # A worker: the same SIGTERM often comes twice, from whoever signalled the
+            # whole group (systemd, timeout) and from the supervisor. Forcing the exit is
+            # the supervisor's call.
+            return
         if received:
             # A second signal while draining (a long lameduck, say): leave now, as
             # CoreDNS does, with status 2.
             log.info("%s: Force quit", signame)
-            if args.pidfile:
-                Path(args.pidfile).unlink(missing_ok=True)
+            if pidfile:
+                Path(pidfile).unlink(missing_ok=True)
             os._exit(2)
         received.append(signame)
         stop.set()
@@ -180,16 +258,19 @@ async def serve(config: Config, args: argparse.Namespace, registry: Registry) ->
     config.runtime.request_reload = request_reload
     config.runtime.fatal = on_fatal
     loop.add_signal_handler(signal.SIGTERM, on_stop, "SIGTERM")
-    loop.add_signal_handler(signal.SIGINT, on_stop, "SIGINT")
+    if ready is None:  # a worker leaves Ctrl-C to the supervisor, which forwards it once
+        loop.add_signal_handler(signal.SIGINT, on_stop, "SIGINT")
     loop.add_signal_handler(signal.SIGUSR1, on_sigusr1)
+    if ready is not None:  # listening, and signals are handled: the supervisor may go on
+        ready({port: server.port(port) for port in _zero_ports(config)})
     try:
         await stop.wait()
         if not status:
             log.info("%s: Shutting down servers then terminating", received[0] if received else "SIGTERM")
         await server.shutdown(lameduck=not status)
     finally:
-        if args.pidfile:
-            Path(args.pidfile).unlink(missing_ok=True)
+        if pidfile:
+            Path(pidfile).unlink(missing_ok=True)
     return status
 
 
@@ -212,6 +293,11 @@ async def reload(server: Server, args: argparse.Namespace, registry: Registry) -
         return False
     log.info("Reloading complete")
     return True
+
+
+def _zero_ports(config: Config) -> set[int]:
+    """The configured port 0 (tests), which the kernel turns into a free port."""
+    return {key.port for block in config.blocks for key in block.keys if key.port == 0}
 
 
 def _print_banner(server: Server, config: Config) -> None:

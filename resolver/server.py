@@ -115,12 +115,12 @@ class Listener:
         attempts = 20 if port == 0 else 1
         for attempt in range(attempts):
             try:
-                udp_socket = _bind_socket(family, socket.SOCK_DGRAM, self.host, port)
+                udp_socket = _bind_socket(family, socket.SOCK_DGRAM, self.host, port, self.server.reuse_port)
             except OSError as exc:
                 raise ListenError(f"cannot listen on {_hostport(self.host, port)}: {exc.strerror or exc}") from None
             bound = udp_socket.getsockname()[1]
             try:
-                tcp_socket = _bind_socket(family, socket.SOCK_STREAM, self.host, bound)
+                tcp_socket = _bind_socket(family, socket.SOCK_STREAM, self.host, bound, self.server.reuse_port)
             except OSError as exc:
                 udp_socket.close()
                 if exc.errno == errno.EADDRINUSE and attempt + 1 < attempts:
@@ -381,7 +381,16 @@ class Server:
         tcp_idle_timeout: float = DEFAULT_TCP_IDLE_TIMEOUT,
         max_tcp_connections: int = DEFAULT_MAX_TCP_CONNECTIONS,
         shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE,
+        reuse_port: bool = False,
+        assigned_ports: dict[int, int] | None = None,
     ) -> None:
+        #: SO_REUSEPORT on the DNS sockets: ``-workers N`` processes each bind their own
+        #: socket to the same port and the kernel spreads clients over them. Off for a
+        #: single process, so that a second server on the same port fails loudly instead.
+        self.reuse_port = reuse_port
+        #: Configured port -> port to bind: a worker joining worker 0 binds the port the
+        #: kernel picked for worker 0's ``:0`` listeners, not a port of its own.
+        self.assigned_ports = dict(assigned_ports or {})
         self.tcp_idle_timeout = tcp_idle_timeout
         self.max_tcp_connections = max_tcp_connections
         self.shutdown_grace = shutdown_grace
@@ -518,7 +527,7 @@ class Server:
     async def _open_listeners(
         self, routes: dict[tuple[str, int], dict[str, ServerBlock]], opened: list[Listener]
     ) -> None:
-        chosen: dict[int, int] = {}  # port 0 -> the port the kernel picked, shared by all hosts
+        chosen = dict(self.assigned_ports)  # port 0 -> the port the kernel picked, shared by all hosts
         for (host, port), zones in routes.items():
             if (host, port) in self.listeners:
                 continue
@@ -582,10 +591,14 @@ async def _quietly(hook: Awaitable[None]) -> None:
         log.exception("error in a plugin's lifecycle hook")
 
 
-def _bind_socket(family: socket.AddressFamily, kind: socket.SocketKind, host: str, port: int) -> socket.socket:
+def _bind_socket(
+    family: socket.AddressFamily, kind: socket.SocketKind, host: str, port: int, reuse_port: bool = False
+) -> socket.socket:
     sock = socket.socket(family, kind)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             # The wildcard pair 0.0.0.0 + :: needs the IPv6 socket to stay IPv6-only.
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
