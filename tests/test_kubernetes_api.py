@@ -13,10 +13,11 @@ import asyncio
 import contextlib
 import gc
 import json
+import logging
 import ssl
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -510,6 +511,42 @@ async def test_a_wrong_token_is_retried_not_fatal(fake: FakeKubeAPI, sources: So
     await synced(index)
 
 
+@contextlib.contextmanager
+def kubernetes_log() -> Iterator[Capture]:
+    """Everything the kubernetes plugin logs, whatever logging's configuration."""
+    capture = Capture()
+    logger = logging.getLogger("plugin.kubernetes")
+    level = logger.level
+    logger.addHandler(capture)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield capture
+    finally:
+        logger.removeHandler(capture)
+        logger.setLevel(level)
+
+
+async def test_a_kubeconfig_whose_ca_file_is_missing_is_retried(
+    ca: trustme.CA, sources: Sources, tmp_path: Path
+) -> None:
+    ca_file = tmp_path / "ca.crt"
+    async with FakeKubeAPI(ssl_context=server_ssl(ca)) as server:
+        server.add(namespace("default"), service("web", "default", "10.0.0.1"))
+        user: dict[str, Any] = {}
+        kubeconfig = write_kubeconfig(tmp_path / "kubeconfig", {"test": (server.url, user)}, current="test")
+        config = yaml.safe_load(kubeconfig.read_text())
+        config["clusters"][0]["cluster"]["certificate-authority"] = str(ca_file)
+        kubeconfig.write_text(yaml.safe_dump(config))
+        with kubernetes_log() as capture:
+            _, index = sources.run(Settings(zones=[ZONE], kubeconfig=(str(kubeconfig), None)))
+            await wait_for(lambda: any("loading kubeconfig" in message for message in capture.messages))
+            assert not index.synced
+            ca.cert_pem.write_to_path(str(ca_file))  # the CA appears (a mounted secret, late)
+            await synced(index)
+        assert "default/web" in names(index)
+        await sources.close()
+
+
 @pytest.mark.parametrize(
     ("problem", "expected"),
     [
@@ -543,6 +580,11 @@ def test_bad_endpoint_and_tls_files_are_errors(tmp_path: Path) -> None:
     tls = ("cert.pem", "key.pem", "ca.pem")
     with pytest.raises(ValueError, match=r"cert\.pem: no such file"):
         kapi.api_source(Settings(zones=[ZONE], endpoint="https://127.0.0.1:1", tls=tls), Index(), None, str(tmp_path))
+    for name in tls:
+        (tmp_path / name).write_text("not a PEM file\n")
+    with pytest.raises(ValueError, match=r"^tls .*cert\.pem .*key\.pem .*ca\.pem: ") as raised:
+        kapi.api_source(Settings(zones=[ZONE], endpoint="https://127.0.0.1:1", tls=tls), Index(), None, str(tmp_path))
+    assert "\n" not in str(raised.value)
 
 
 async def test_endpoint_with_mutual_tls(ca: trustme.CA, sources: Sources, tmp_path: Path) -> None:
@@ -870,14 +912,7 @@ async def test_e2e_a_bad_kubeconfig_fails_the_start_with_one_line(start_server: 
 
 
 async def test_e2e_errors_are_logged_once_per_outage(fake: FakeKubeAPI, start_server: StartServer) -> None:
-    import logging
-
-    capture = Capture()
-    logger = logging.getLogger("plugin.kubernetes")
-    level = logger.level
-    logger.addHandler(capture)
-    logger.setLevel(logging.DEBUG)
-    try:
+    with kubernetes_log() as capture:
         basic_cluster(fake)
         running = await start_server(corefile(fake))
         await wait_answer(running, "web.default.svc.cluster.local", ["10.0.0.10"])
@@ -888,9 +923,6 @@ async def test_e2e_errors_are_logged_once_per_outage(fake: FakeKubeAPI, start_se
         await fake.start()
         fake.add(service("api", "default", "10.0.0.11"))
         await wait_answer(running, "api.default.svc.cluster.local", ["10.0.0.11"])
-    finally:
-        logger.removeHandler(capture)
-        logger.setLevel(level)
     failures = [m for m in capture.messages if m.startswith("Service: list/watch failed:")]
     assert len(failures) == 1, failures
     assert "Service: list/watch recovered" in capture.messages

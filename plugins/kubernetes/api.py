@@ -48,6 +48,7 @@ import json
 import os
 import random
 import re
+import ssl
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -217,6 +218,10 @@ class Credentials:
                 for path in (cert, key, ca):
                     if not os.path.isfile(path):
                         raise ValueError(f"tls {path}: no such file")
+                try:  # the files load as the client will load them
+                    ssl.create_default_context(cafile=ca).load_cert_chain(cert, keyfile=key)
+                except (ssl.SSLError, OSError) as exc:
+                    raise ValueError(f"tls {cert} {key} {ca}: {_one_line(exc)}") from None
                 self.tls = (cert, key, ca)
             self.description = f"endpoint {endpoint}"
         elif os.environ.get("KUBERNETES_SERVICE_HOST"):
@@ -578,8 +583,11 @@ class Reflector:
 
 
 def _describe(error: Exception) -> str:
-    if isinstance(error, asyncio.TimeoutError):
+    """A short reason for the log line (aiohttp's own texts for a cut stream run long)."""
+    if isinstance(error, TimeoutError):
         return "timed out"
+    if isinstance(error, aiohttp.ClientPayloadError | aiohttp.ServerDisconnectedError):
+        return f"the connection broke off ({type(error).__name__})"
     text = _one_line(error)
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
@@ -609,9 +617,7 @@ class ApiSource:
         self._configuration: Configuration | None = None
 
     async def run(self) -> None:
-        configuration = await self._configure()
-        api = ApiClient(configuration)
-        api.user_agent = f"corefile-resolver/{__version__}"
+        api, configuration = await self._connect()
         self._api, self._configuration = api, configuration
         reflectors = [Reflector(self, resource) for resource in resources(self.settings)]
         tasks = [asyncio.create_task(r.run(), name=f"kubernetes {r.kind} watch") for r in reflectors]
@@ -628,18 +634,24 @@ class ApiSource:
             self._api = None
             await api.close()  # closes the aiohttp session and its connections
 
-    async def _configure(self) -> Configuration:
-        """The client configuration; a kubeconfig exec plugin may fail: retry with backoff."""
+    async def _connect(self) -> tuple[ApiClient, Configuration]:
+        """The client. Loading its configuration may fail (a kubeconfig's exec plugin, its
+        certificates): retry with backoff, as for the API server itself."""
         backoff = Backoff()
         while True:
             try:
-                return await self.credentials.configuration()
+                configuration = await self.credentials.configuration()
+                api = ApiClient(configuration)  # builds the TLS context from the files
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 delay = backoff.next()
-                log.warning("loading %s failed: %s; retrying in %.1fs", self.credentials.description, exc, delay)
+                reason = _describe(exc)
+                log.warning("loading %s failed: %s; retrying in %.1fs", self.credentials.description, reason, delay)
                 await asyncio.sleep(delay)
+            else:
+                api.user_agent = f"corefile-resolver/{__version__}"
+                return api, configuration
 
     async def get(self, path: str, params: list[tuple[str, Any]], timeout: aiohttp.ClientTimeout) -> Any:
         """GET ``path`` through kubernetes-asyncio's ApiClient (bearer token, TLS, headers),
