@@ -58,6 +58,9 @@ class Index:
         # IP -> "namespace/name", or a tuple of them when pods share it (host network).
         self.pods: dict[str, str | tuple[str, ...]] = {}
         self.pod_ips: dict[str, str | tuple[str, ...]] = {}
+        # Keys of the held pods on the host network: their IP is their node's, so it never
+        # tells which pod sent a query (autopath), though it still verifies pod names.
+        self.host_network_pods: set[str] = set()
         self._listing: dict[str, set[Any]] = {}  # kind -> keys applied since begin_list
         self._logged: dict[str, tuple[float, int]] = {}  # kind -> (window start, lines logged)
         self._appliers: dict[str, Callable[[str, Any], Any]] = {
@@ -155,6 +158,15 @@ class Index:
         keys = (found,) if isinstance(found, str) else found
         return [key.split("/", 1)[0] for key in keys]
 
+    def client_namespaces(self, ip: str) -> list[str]:
+        """Namespaces of the Running pods that may have sent a query from ``ip``: pods on
+        the host network are left out (the node and its other such pods share the IP)."""
+        found = self.pod_ips.get(ip)
+        if found is None:
+            return []
+        keys = (found,) if isinstance(found, str) else found
+        return [key.split("/", 1)[0] for key in keys if key not in self.host_network_pods]
+
     def endpoint_for_ip(self, ip: str) -> tuple[Slice, objects.Endpoint] | None:
         piece = self.endpoint_ips.get(ip)
         if piece is None:
@@ -226,6 +238,8 @@ class Index:
         if not wanted:
             return None
         self.pods[key] = ips[0] if len(ips) == 1 else ips
+        if objects.host_network(obj):
+            self.host_network_pods.add(key)
         for ip in ips:
             held = self.pod_ips.get(ip)
             if held is None:
@@ -267,6 +281,7 @@ class Index:
         return piece
 
     def _remove_pod(self, key: str) -> None:
+        self.host_network_pods.discard(key)
         held = self.pods.pop(key, None)
         if held is None:
             return

@@ -283,6 +283,13 @@ def to_pod(obj: Any) -> tuple[str, str, tuple[str, ...], bool, str, Mapping[str,
     return namespace, name, tuple(ips), running, node if isinstance(node, str) else "", labels_of(meta)
 
 
+def host_network(obj: Any) -> bool:
+    """Does the Pod share its node's network (``spec.hostNetwork``)? Its IP is then the
+    node's, which the node's own processes and every other such pod send from too."""
+    spec = obj.get("spec") if isinstance(obj, Mapping) else None
+    return isinstance(spec, Mapping) and spec.get("hostNetwork") is True
+
+
 def to_namespace(obj: Any) -> tuple[str, Mapping[str, str]]:
     meta = _mapping(obj.get("metadata") if isinstance(obj, Mapping) else None, "metadata")
     name = meta.get("name")
