@@ -32,6 +32,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from plugins.autopath import parse_search_path
 from plugins.kubernetes.index import Index
 from plugins.kubernetes.records import Answerer
 from plugins.kubernetes.settings import POD_MODES, Settings, parse_selector
@@ -184,15 +185,18 @@ class Kubernetes(Plugin):
     def autopath_search(self, req: Request) -> list[str] | None:
         """Search path of the pod that sent req (by req.remote_ip, Running pods only):
         ``["<ns>.svc.<zone>", "svc.<zone>", "<zone>", *host search, ""]``; None when the
-        qname is not under this plugin's zones or the client is no known Running pod."""
+        qname is not under this plugin's zones or the client is no known Running pod.
+        Pods on the host network never count (their IP is their node's), and an IP that
+        Running pods of several namespaces hold (being reused) gives no path: whichever
+        we picked could be the wrong one (DESIGN.md failure #3)."""
         zone = self.zone_of(req.qname)
         if zone is None:
             return None
-        namespaces = self.index.pod_namespaces(req.remote_ip)
-        if not namespaces:
+        namespaces = set(self.index.client_namespaces(req.remote_ip))
+        if len(namespaces) != 1:
             return None
         suffix = "" if zone == "." else zone
-        return [f"{namespaces[0]}.svc.{suffix}", f"svc.{suffix}", zone, *self.search, ""]
+        return [f"{namespaces.pop()}.svc.{suffix}", f"svc.{suffix}", zone, *self.search, ""]
 
 
 # -- Corefile parsing ---------------------------------------------------------------------------
@@ -357,16 +361,17 @@ def _path(text: str, block: ServerBlock) -> str:
 
 def _host_search() -> list[str]:
     """The search domains of the host's resolv.conf (final dot, lower case), as CoreDNS
-    reads them at setup for autopath's tail."""
+    reads them at setup for autopath's tail. Read as autopath reads a resolv.conf (the
+    last search/domain line wins, ``domain`` gives one domain); a word that is no domain
+    name is left out with a warning (it is the node's file, not the Corefile, at fault)."""
     try:
         with open(RESOLV_CONF, encoding="utf-8", errors="replace") as handle:
             lines = handle.read().splitlines()
     except OSError:
         return []
-    search: list[str] = []
-    for line in lines:
-        fields = line.split()
-        if fields and fields[0] in ("search", "domain"):
-            # The last search/domain line wins, as in the resolver library.
-            search = [name.lower().rstrip(".") + "." for name in fields[1:] if name.strip(".")]
-    return search
+
+    def bad(number: int, word: str) -> None:
+        log.warning("%s line %d: %r is no domain name: left out of the search path", RESOLV_CONF, number, word)
+
+    # The root as a search domain is the bare name, which autopath tries last anyway.
+    return [name for name in parse_search_path(lines, bad) if name != "."]

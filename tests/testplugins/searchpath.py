@@ -2,20 +2,26 @@
 
 Syntax::
 
-    searchpath [ZONES...]
+    searchpath [ZONES...] [{
+        opaque        # settings show no zones (a provider autopath knows nothing about)
+        ttl SECONDS   # settings.ttl (default 5, as kubernetes)
+    }]
 
 ZONES (default ``cluster.local``) play the kubernetes zones. The test fills, after start:
 
 * ``pods``: client IP -> namespace. ``autopath_search(req)`` gives such a client the
   kubernetes search path ``<ns>.svc.<zone>``, ``svc.<zone>``, ``<zone>``, then ``host``
   (the "host resolv.conf" domains), then ``""``; None for other clients and for names
-  outside ZONES, as the fixed interface in the brief says.
-* ``load(zone_text)``: records in zone-file lines. A query gets the records of its name and
-  type (following one CNAME inside the table), NODATA with an SOA when the name has only
-  other types, NXDOMAIN with an SOA otherwise; ``failing`` names get SERVFAIL with an error.
+  outside ZONES, as the fixed interface in the brief says (like kubernetes, whatever the
+  query's class: the class is autopath's business).
+* ``load(zone_text)``: records in zone-file lines. A query gets the records of its name,
+  type and class (following one CNAME inside the table), NODATA with an SOA when the name
+  has only other types, NXDOMAIN with an SOA otherwise (a class with no records has no
+  names); ``failing`` names get SERVFAIL with an error, ``dropping`` names no reply at all
+  (``acl drop``), ``garbage`` names a NOERROR reply whose body cannot be parsed.
 
-``settings`` has ``zones`` and ``watch_pods``, the two fields of the kubernetes Settings
-autopath reads and writes. ``asked`` lists (name, type, client) in order.
+``settings`` has ``zones``, ``watch_pods`` and ``ttl``, the fields of the kubernetes
+Settings autopath reads and writes. ``asked`` lists (name, type, client) in order.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ NEGATIVE_TTL = 30
 class Settings:
     zones: list[str]
     watch_pods: bool = False
+    ttl: int = 5
 
 
 @dataclass
@@ -52,43 +59,61 @@ class Table:
 class SearchPath(Plugin):
     name = "searchpath"
 
-    def __init__(self, zones: list[str]) -> None:
-        self.settings = Settings(zones)
+    def __init__(self, zones: list[str], opaque: bool = False, ttl: int = 5) -> None:
+        self.zones = zones
+        self.settings = Settings([] if opaque else zones, ttl=ttl)
         self.pods: dict[str, str] = {}
         self.host: list[str] = []
         self.table = Table()
         self.failing: set[str] = set()
+        self.dropping: set[str] = set()
+        self.garbage: set[str] = set()
         self.asked: list[tuple[str, str, str]] = []
 
     @classmethod
     def setup(cls, directive: Directive, block: ServerBlock) -> SearchPath:
-        return cls(zone_arguments(directive.args, directive) or ["cluster.local."])
+        opaque, ttl = False, 5
+        for option in directive.block or ():
+            if option.name == "opaque" and not option.args:
+                opaque = True
+            elif option.name == "ttl" and len(option.args) == 1 and option.args[0].isdigit():
+                ttl = int(option.args[0])
+            else:
+                raise option.error(f'unknown option "{option.name}"')
+        return cls(zone_arguments(directive.args, directive) or ["cluster.local."], opaque, ttl)
 
     def load(self, text: str) -> None:
         for record in RR.fromZone(text):
             self.table.add(record)
 
     def autopath_search(self, req: Request) -> list[str] | None:
-        zones = [zone for zone in self.settings.zones if in_zones(req.qname, [zone])]
+        zones = [zone for zone in self.zones if in_zones(req.qname, [zone])]
         namespace = self.pods.get(req.remote_ip)
         if not zones or namespace is None:
             return None
         zone = max(zones, key=len)
-        return [f"{namespace}.svc.{zone}", f"svc.{zone}", zone, *self.host, ""]
+        suffix = "" if zone == "." else zone
+        return [f"{namespace}.svc.{suffix}", f"svc.{suffix}", zone, *self.host, ""]
 
     async def serve(self, req: Request, next: Handler) -> Reply | None:
         name = req.qname
         self.asked.append((name, QTYPE.get(req.qtype), req.remote_ip))
         if name in self.failing:
             return self.fail(req, wire.SERVFAIL, f"searchpath: {name} is failing")
-        records = self.table.records.get(name)
-        if records is None:
+        if name in self.dropping:
+            return None
+        if name in self.garbage:
+            # A NOERROR header that promises an answer record the body does not hold.
+            data = req.wire[:2] + b"\x81\x80\x00\x01\x00\x01\x00\x00\x00\x00" + req.question_bytes
+            return Reply(wire=data + b"\xc0", plugin=self.name)
+        records = [record for record in self.table.records.get(name, ()) if record.rclass == req.qclass]
+        if not records:
             return self._negative(req, wire.NXDOMAIN)
         answer = [record for record in records if record.rtype in (req.qtype, QTYPE.CNAME)]
         for record in list(answer):
             if record.rtype == QTYPE.CNAME and req.qtype != QTYPE.CNAME:
                 target = self.table.records.get(str(record.rdata.label).lower(), [])
-                answer.extend(found for found in target if found.rtype == req.qtype)
+                answer.extend(found for found in target if found.rtype == req.qtype and found.rclass == req.qclass)
         if not answer:
             return self._negative(req, wire.NOERROR)
         message = req.reply(authoritative=True)
