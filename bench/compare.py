@@ -27,6 +27,8 @@ every server N times, taking turns, and keeps each figure's best (the JSON keeps
 round, and ``load1``, the load average before each run); compare servers within one run
 only.
 
+``--memory`` adds the project's startup to first answer (median of 5) and RSS, with
+Corefile.example's chain and with the bench chain, and RSS with both caches full.
 ``--workers N`` adds the project with ``-workers N`` beside a single process, nothing
 pinned (dnsperf neither): cache hits over UDP and TCP (``--servers ''`` runs only that).
 
@@ -41,6 +43,7 @@ import contextlib
 import ctypes
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -48,6 +51,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -163,6 +167,28 @@ PROJECT_COREFILE = """\
     forward . 127.0.0.1:{upstream}
 }}
 """
+
+# Corefile.example's chain with its HTTP ports free and its hosts inline: the laptop case.
+EXAMPLE_COREFILE = """\
+.:{port} {{
+    bind 127.0.0.1
+    errors
+    log
+    health 127.0.0.1:{health}
+    ready 127.0.0.1:{ready}
+    prometheus 127.0.0.1:{metrics}
+    reload
+    any
+    loadbalance
+    hosts {{
+        10.0.0.10 db.demo.local
+        ttl 60
+        fallthrough
+    }}
+    whoami
+}}
+"""
+STARTS = 5  # startups measured per configuration (the median is kept)
 
 
 # -- processes -----------------------------------------------------------------------------
@@ -378,6 +404,8 @@ def write_files(workdir: Path, seconds: float, rate_seconds: float) -> dict[str,
     lines += [f"h{i} A 10.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}" for i in range(ZONE_NAMES)]
     files["zone"].write_text("\n".join(lines) + "\n")
     files["hot"].write_text("".join(f"h{i}.{ZONE} A\n" for i in range(HOT_NAMES)))
+    files["fill"] = workdir / "fill.queries"
+    files["fill"].write_text("".join(f"h{i}.{ZONE} A\nh{i}.{ZONE} AAAA\n" for i in range(CACHE_CAPACITY)))
     runs = {"miss": int(MISS_CEILING * seconds)}
     runs.update({f"miss{rate}": int(rate * rate_seconds * 1.2) for rate in MISS_RATES})
     for run, count in runs.items():
@@ -524,6 +552,60 @@ def measure_workers(count: int, args: argparse.Namespace, procs: Processes, file
         procs.stop(proc)
 
 
+def measure_memory(args: argparse.Namespace, procs: Processes, files: dict[str, Path]) -> dict[str, dict[str, Any]]:
+    """Startup to first answer (median of STARTS) and RSS, for Corefile.example's chain
+    and the bench chain; for the bench chain also RSS with both caches full (9984 A
+    queries answered, 9984 AAAA queries of the same names answered NODATA)."""
+    results: dict[str, dict[str, Any]] = {}
+    for name in ("example", "bench"):
+        where = args.workdir / f"memory-{name}"
+        where.mkdir(exist_ok=True)
+        startups, rss = [], []
+        for attempt in range(STARTS):
+            port, metrics = free_port(), free_port()
+            corefile = where / "Corefile"
+            if name == "example":
+                text = EXAMPLE_COREFILE.format(port=port, health=free_port(), ready=free_port(), metrics=metrics)
+                probe_name = "db.demo.local."
+            else:
+                text = PROJECT_COREFILE.format(port=port, metrics=metrics, upstream=args.upstream_port)
+                probe_name = f"h{ZONE_NAMES - 1}.{ZONE}"
+            corefile.write_text(text)
+            command = [sys.executable, "-m", "resolver", "-conf", str(corefile), "-quiet"]
+            begin = time.monotonic()
+            proc = procs.start(f"memory-{name}", command, SERVER_CPU)
+            try:
+                wait_answering(proc, port, probe_name)
+                startups.append(time.monotonic() - begin)
+                time.sleep(0.5)
+                rss.append(tree_rss_mb(proc.pid))
+                if name == "bench" and attempt == STARTS - 1:
+                    results[name] = fill_caches(proc.pid, port, metrics, files)
+            except RuntimeError as exc:
+                raise RuntimeError(f"memory {name}: {exc}\n{procs.log_tail(f'memory-{name}')}") from None
+            finally:
+                procs.stop(proc)
+        figures = results.setdefault(name, {})
+        figures["startup_s"] = round(sorted(startups)[len(startups) // 2], 3)
+        figures["startup_max_s"] = round(max(startups), 3)
+        figures["rss_start_mb"] = sorted(rss)[len(rss) // 2]
+    return results
+
+
+def fill_caches(pid: int, port: int, metrics: int, files: dict[str, Path]) -> dict[str, Any]:
+    """Fill the success and denial caches, as bench.cache does; their sizes from /metrics."""
+    command = ["taskset", "-c", CLIENT_CPU, "dnsperf", "-s", "127.0.0.1", "-p", str(port), "-d", str(files["fill"])]
+    command += ["-n", "1", "-c", "4", "-q", "200", "-l", "60"]
+    output = subprocess.run(command, capture_output=True, text=True, timeout=120).stdout
+    figures: dict[str, Any] = {"fill_lost_pct": lost(output), "rss_full_mb": tree_rss_mb(pid)}
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    for kind in ("success", "denial"):
+        match = re.search(rf'^coredns_cache_entries\{{[^}}]*type="{kind}"[^}}]*\}} ([\d.e+]+)$', text, re.M)
+        figures[f"entries_{kind}"] = int(float(match.group(1))) if match else 0
+    return figures
+
+
 def _completed(output: str) -> int:
     for line in output.splitlines():
         if "Queries completed:" in line:
@@ -614,6 +696,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--workers", type=int, default=0, help="also compare the project unpinned with 1 and N worker processes"
     )
+    parser.add_argument(
+        "--memory", action="store_true", help="also measure the project's startup and RSS (started, caches full)"
+    )
     parser.add_argument("--upstream", choices=("nsd", "knot"), default="nsd")
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results" / "compare.json")
     args = parser.parse_args(argv)
@@ -661,6 +746,11 @@ def run(args: argparse.Namespace, servers: list[str], procs: Processes) -> int:
                 runs[-1][f"workers={count}"] = {**measure_workers(count, args, procs, files), "load1": round(load, 2)}
         scaling = best_of(runs)
         print(render(scaling, {}))
+    memory: dict[str, dict[str, Any]] = {}
+    if args.memory:
+        print("project: startup and memory ...", flush=True)
+        memory = measure_memory(args, procs, files)
+        print(render(memory, {}))
     report = {
         "python": sys.version.split()[0],
         "upstream": args.upstream,
@@ -671,6 +761,7 @@ def run(args: argparse.Namespace, servers: list[str], procs: Processes) -> int:
         "results": results,
         "project_over_peer": relative,
         "workers_unpinned": scaling,
+        "project_memory": memory,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2) + "\n")

@@ -36,10 +36,9 @@ import functools
 import platform
 from bisect import bisect_left
 from time import perf_counter
+from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
 from dnslib import DNSError
-from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, generate_latest
 
 import resolver
 from resolver import wire
@@ -53,6 +52,9 @@ from resolver.reply import Reply
 from resolver.request import Request
 from resolver.runtime import Runtime
 from resolver.server import server_label
+
+if TYPE_CHECKING:
+    from aiohttp import web
 
 DEFAULT_ADDRESS = "localhost:9153"
 DEFAULT_PORT = 9153
@@ -115,12 +117,7 @@ class Prometheus(Plugin):
         self._duration_bounds = self.duration.bounds
         self._request_slot = size_slots(self.request_size.bounds)
         self._response_slot = size_slots(self.response_size.bounds)
-        # process_* and python_* are computed on scrape from /proc and the interpreter; a
-        # registry of our own keeps them out of the shared families (no name clashes).
-        self._process = CollectorRegistry(auto_describe=False)
-        ProcessCollector(registry=self._process)
-        PlatformCollector(registry=self._process)
-        GCCollector(registry=self._process)
+        self._process: Any = None  # process_* and python_*: made on the first scrape
 
     def _declare(self, runtime: Runtime) -> None:
         metrics = runtime.metrics
@@ -293,9 +290,26 @@ class Prometheus(Plugin):
     async def _scrape(self, request: web.BaseRequest) -> web.Response:
         # Rendered on the event loop, not in a thread: gauge callbacks of other plugins
         # read structures the loop mutates, and a scrape every few seconds costs little.
+        from aiohttp import web
+        from prometheus_client import generate_latest
+
         self.sync_process_counters()
-        body = self.runtime.metrics.render() + generate_latest(self._process)
+        body = self.runtime.metrics.render() + generate_latest(self._process_registry())
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+    def _process_registry(self) -> Any:
+        """process_* and python_* are computed on scrape from /proc and the interpreter; a
+        registry of our own keeps them out of the shared families (no name clashes).
+        Made on the first scrape: prometheus-client is not imported at startup."""
+        if self._process is None:
+            from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
+
+            registry = CollectorRegistry(auto_describe=False)
+            ProcessCollector(registry=registry)
+            PlatformCollector(registry=registry)
+            GCCollector(registry=registry)
+            self._process = registry
+        return self._process
 
     def sync_process_counters(self) -> None:
         """Copy the core's counters (``runtime.stats``) into their counter families."""
