@@ -925,3 +925,24 @@ async def test_e2e_the_hosts_resolv_conf_is_read_as_autopath_reads_one(
     assert (await ask(running, "only.prod.svc.cluster.local")).rcode() == dns.rcode.NXDOMAIN
     # What went past the cluster zone: the host's domains as read, and nothing malformed.
     assert tried(upstream) == ["db.example.com.", "only.example.com.", "only."]
+
+
+async def test_e2e_a_long_host_search_path_is_cut_with_a_warning(
+    start_server: StartServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, plugin_log: Capture
+) -> None:
+    domains = [f"d{number}.example." for number in range(1, 9)]
+    host = tmp_path / "resolv.conf"
+    host.write_text("search " + " ".join(domains) + "\n")
+    monkeypatch.setattr(kubernetes_plugin, "RESOLV_CONF", str(host))
+    directory = write_manifests(tmp_path / "m", k8s_pod("prod", "client", POD))
+    running, kubernetes = await start_k8s(start_server, directory, host_search=None)
+    assert kubernetes.search == domains
+    assert plugin_log.messages == [
+        "the host resolv.conf has 8 search domains: autopath tries the cluster's 3 and the first 6"
+    ]
+    assert (await ask(running, "nothing.prod.svc.cluster.local")).rcode() == dns.rcode.NXDOMAIN
+    assert running.server.config is not None
+    upstream = running.server.config.blocks[0].find("searchpath")
+    assert isinstance(upstream, SearchPath)
+    # Past the cluster's 3 domains: the first 6 of the node's, and not the bare name.
+    assert tried(upstream) == [f"nothing.{domain}" for domain in domains[:6]]
