@@ -30,6 +30,7 @@ from tests.test_kubernetes_records import (
     REGISTRY,
     endpoint,
     endpoint_slice,
+    external,
     namespace,
     plugin_of,
     pod,
@@ -428,15 +429,147 @@ def test_pods_are_not_kept_unless_needed() -> None:
     assert local.pod_namespaces("10.0.0.1") == ["a"] and local.pod_namespaces("10.0.0.2") == []
 
 
+def held_at(index: Index, ip: str) -> list[tuple[str, bool]]:
+    return sorted((piece.name, found.ready) for piece, found in index.endpoints_at(ip))
+
+
 def test_an_endpoint_moving_between_slices_stays_findable() -> None:
     index = Index(Settings(zones=["cluster.local."]))
     index.apply("EndpointSlice", "ADDED", endpoint_slice("ns", "s1", "svc", [endpoint("10.0.0.1")]))
     index.apply("EndpointSlice", "ADDED", endpoint_slice("ns", "s2", "svc", [endpoint("10.0.0.1")]))
     index.apply("EndpointSlice", "DELETED", endpoint_slice("ns", "s2", "svc", []))
-    found = index.endpoint_for_ip("10.0.0.1")
-    assert found is not None and found[0].name == "s1"
+    assert held_at(index, "10.0.0.1") == [("s1", True)]
     index.apply("EndpointSlice", "DELETED", endpoint_slice("ns", "s1", "svc", []))
-    assert index.endpoint_for_ip("10.0.0.1") is None and not index.service_slices
+    assert held_at(index, "10.0.0.1") == [] and not index.service_slices and not index.endpoint_ips
+
+
+def test_an_address_behind_several_services_is_held_for_each() -> None:
+    """A pod behind two Services is in a slice of each; deleting one leaves the other
+    (whatever order they came in), and a not-ready copy never hides a ready one."""
+    index = Index(Settings(zones=["cluster.local."]))
+    a = endpoint_slice("ns", "a-1", "a", [endpoint("10.1.0.1")])
+    b = endpoint_slice("ns", "b-1", "b", [endpoint("10.1.0.1")])
+    c = endpoint_slice("ns", "c-1", "c", [endpoint("10.1.0.1", ready=False), endpoint("10.1.0.2")])
+    for piece in (a, b, c):
+        index.apply("EndpointSlice", "ADDED", piece)
+    assert held_at(index, "10.1.0.1") == [("a-1", True), ("b-1", True), ("c-1", False)]
+    index.apply("EndpointSlice", "DELETED", b)  # the last one holding it with a ready copy
+    assert held_at(index, "10.1.0.1") == [("a-1", True), ("c-1", False)]
+    index.apply("EndpointSlice", "MODIFIED", endpoint_slice("ns", "c-1", "c", [endpoint("10.1.0.2")]))
+    assert held_at(index, "10.1.0.1") == [("a-1", True)] and held_at(index, "10.1.0.2") == [("c-1", True)]
+    index.apply("EndpointSlice", "DELETED", a)
+    index.apply("EndpointSlice", "DELETED", c)
+    assert not index.endpoint_ips
+
+
+def test_services_sharing_a_cluster_ip() -> None:
+    """Two Services may hold one cluster IP for a while (an IP reused as its old Service
+    goes): removing either leaves the other's PTR; so does a change of type."""
+    index = Index(Settings(zones=["cluster.local."]))
+    index.apply("Service", "ADDED", service("ns", "x", ["10.0.0.1"]))
+    index.apply("Service", "ADDED", service("ns", "y", ["10.0.0.1", "fd00::1"]))
+    assert [held.name for held in index.services_at("10.0.0.1")] == ["x", "y"]
+    index.apply("Service", "DELETED", service("ns", "y", ["10.0.0.1"]))
+    assert [held.name for held in index.services_at("10.0.0.1")] == ["x"]
+    assert list(index.service_ips) == ["10.0.0.1"]
+    index.apply("Service", "ADDED", service("ns", "y", ["10.0.0.1"]))
+    index.apply("Service", "MODIFIED", service("ns", "x", ["None"]))  # ClusterIP -> headless
+    assert [held.name for held in index.services_at("10.0.0.1")] == ["y"]
+    index.apply("Service", "MODIFIED", external("ns", "y", "example.org"))  # -> ExternalName
+    assert index.services_at("10.0.0.1") == () and not index.service_ips
+    index.apply("Service", "MODIFIED", service("ns", "y", ["10.0.0.2"]))  # and back
+    assert [held.name for held in index.services_at("10.0.0.2")] == ["y"]
+
+
+BROKEN = {
+    "Service": {"metadata": {"name": "x", "namespace": "ns"}, "spec": {"clusterIP": "garbage"}},
+    "EndpointSlice": {"metadata": {"name": "s", "namespace": "ns"}, "endpoints": [{"addresses": ["10.1.0.1"]}]},
+    "Pod": {"metadata": {"name": "p", "namespace": "ns"}, "status": {"phase": "Running", "podIP": "bad"}},
+}
+
+
+@pytest.mark.parametrize("event", ["MODIFIED", "DELETED", "ADDED"])
+@pytest.mark.parametrize("kind", list(BROKEN))
+def test_an_object_that_turns_malformed_is_dropped(kind: str, event: str, captured: Capture) -> None:
+    """An event whose body no longer converts still names the object: what was held under
+    that name goes (logged), as a relist would drop it, instead of staying served."""
+    index = Index(Settings(zones=["cluster.local."], pods="verified"))
+    index.apply("Service", "ADDED", service("ns", "x", ["10.0.0.1"]))
+    index.apply("EndpointSlice", "ADDED", endpoint_slice("ns", "s", "x", [endpoint("10.1.0.1")]))
+    index.apply("Pod", "ADDED", pod("ns", "p", "10.2.0.1"))
+    index.apply(kind, event, BROKEN[kind])
+    assert {other: count for other, count in index.counts().items() if other in BROKEN} == {
+        other: int(other != kind) for other in BROKEN
+    }
+    ips = {"Service": index.service_ips, "EndpointSlice": index.endpoint_ips, "Pod": index.pod_ips}
+    assert [kind for kind, table in ips.items() if not table] == [kind]  # its PTR/client entry too
+    if event != "DELETED":  # a DELETED needs no body: nothing to complain about
+        assert any(f"ignored malformed {kind}" in message for message in captured.messages)
+
+
+def test_an_external_name_turning_invalid_stops_being_answered() -> None:
+    index = Index(Settings(zones=["cluster.local."]))
+    index.apply("Service", "ADDED", service("ns", "x", ["10.0.0.1"]))
+    index.apply("Service", "MODIFIED", external("ns", "x", "not a host name"))
+    assert index.service("ns", "x") is None and not index.service_ips
+
+
+class CountingEndpoints(tuple):  # type: ignore[type-arg]
+    """An endpoints tuple that counts how often it is walked."""
+
+    walks = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        CountingEndpoints.walks += 1
+        return super().__iter__()
+
+
+def test_a_relist_of_a_big_service_walks_each_slice_once() -> None:
+    """A relist (410 Gone) of a Service of many slices re-applies every slice: each one
+    replaced must cost its own endpoints, not a walk of all the others (quadratic: seconds
+    of a blocked event loop at 10k endpoints). Counted in walks of the old slices'
+    endpoint lists, so no timing is involved."""
+    index = Index(Settings(zones=["cluster.local."]))
+    slices = [
+        endpoint_slice("ns", f"big-{n}", "big", [endpoint(f"10.{n}.0.{i}") for i in range(1, 21)], HTTP)
+        for n in range(40)
+    ]
+    index.begin_list("EndpointSlice")
+    for piece in slices:
+        index.apply("EndpointSlice", "ADDED", piece)
+    index.end_list("EndpointSlice")
+    for held in index.slices.values():
+        held.endpoints = CountingEndpoints(held.endpoints)
+    CountingEndpoints.walks = 0
+    index.begin_list("EndpointSlice")
+    for piece in slices:
+        index.apply("EndpointSlice", "ADDED", piece)
+    index.end_list("EndpointSlice")
+    assert CountingEndpoints.walks == len(slices)  # each old slice once, when replaced
+    assert len(index.service_slices[("ns", "big")]) == 40 and len(index.endpoint_ips) == 800
+    assert held_at(index, "10.39.0.20") == [("big-39", True)]
+    for held in index.slices.values():
+        held.endpoints = CountingEndpoints(held.endpoints)
+    CountingEndpoints.walks = 0
+    index.apply("EndpointSlice", "MODIFIED", slices[0])  # one slice changed: the others untouched
+    assert CountingEndpoints.walks == 1
+
+
+def test_the_dns_service_follows_the_filters_but_names_the_server() -> None:
+    """kube-system/kube-dns gives ns.dns.<zone> its address whatever the filters say, but
+    is answered by name (and PTR) only when they want it."""
+    index = Index(Settings(zones=["cluster.local."], labels="dns=yes"))
+    index.begin_list("Service")
+    index.apply("Service", "ADDED", service("kube-system", "kube-dns", ["10.0.0.10"]))
+    index.end_list("Service")
+    assert index.dns_service is not None and index.dns_service.ips == ("10.0.0.10",)
+    assert index.service("kube-system", "kube-dns") is None and not index.service_ips
+    index.begin_list("Service")  # a relist without it: gone
+    index.end_list("Service")
+    assert index.dns_service is None
+    index.apply("Service", "ADDED", service("kube-system", "kube-dns", ["10.0.0.10"]))
+    index.apply("Service", "DELETED", service("kube-system", "kube-dns", ["10.0.0.10"]))
+    assert index.dns_service is None
 
 
 @pytest.mark.parametrize(

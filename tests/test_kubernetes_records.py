@@ -93,6 +93,11 @@ CLUSTER: list[dict[str, Any]] = [
     service("testns", "noports", ["10.0.0.5"]),
     service("testns", "multi", ["10.0.0.6"], [("http", 80, "TCP"), ("dns", 53, "UDP"), ("", 8080, "TCP")]),
     endpoint_slice("testns", "svc1-a", "svc1", [endpoint("172.0.1.1", pod="svc1-pod")], [("http", 8080, "TCP")]),
+    # The same pod behind two more services: ready behind "also", not ready behind "spare".
+    service("testns", "also", ["10.0.0.7"], HTTP),
+    endpoint_slice("testns", "also-a", "also", [endpoint("172.0.1.1", pod="svc1-pod")], HTTP),
+    service("testns", "spare", ["10.0.0.8"], HTTP),
+    endpoint_slice("testns", "spare-a", "spare", [endpoint("172.0.1.1", ready=False, pod="svc1-pod")], HTTP),
     service("testns", "hdls1", ["None"], HTTP),
     endpoint_slice(
         "testns",
@@ -196,7 +201,7 @@ T = "testns.svc.cluster.local."
 CASES: list[tuple[str, str, int, list[str], list[str]]] = [
     # ClusterIP services, per family
     (f"svc1.{T}", "A", NOERROR, [f"svc1.{T} 5 A 10.0.0.1"], []),
-    ("SVC1.TestNS.svc.Cluster.Local.", "A", NOERROR, [f"svc1.{T} 5 A 10.0.0.1"], []),
+    ("SVC1.TestNS.svc.Cluster.Local.", "A", NOERROR, ["SVC1.TestNS.svc.Cluster.Local. 5 A 10.0.0.1"], []),
     (f"svc1.{T}", "AAAA", NOERROR, [], []),
     (f"svc6.{T}", "AAAA", NOERROR, [f"svc6.{T} 5 AAAA 1234:abcd::1"], []),
     (f"svc6.{T}", "A", NOERROR, [], []),
@@ -216,6 +221,12 @@ CASES: list[tuple[str, str, int, list[str], list[str]]] = [
     ),
     (f"_https._tcp.svc1.{T}", "SRV", NXDOMAIN, [], []),
     (f"_http._udp.svc1.{T}", "SRV", NXDOMAIN, [], []),
+    # One label in front of a service is an endpoint name, as CoreDNS parses it: a lone
+    # _port or _proto label names no endpoint
+    (f"_tcp.svc1.{T}", "SRV", NXDOMAIN, [], []),
+    (f"_http.svc1.{T}", "SRV", NXDOMAIN, [], []),
+    (f"_http.svc1.{T}", "A", NXDOMAIN, [], []),
+    (f"_tcp.hdls1.{T}", "SRV", NXDOMAIN, [], []),
     (f"_http._tcp.svc1.{T}", "A", NOERROR, [f"_http._tcp.svc1.{T} 5 A 10.0.0.1"], []),
     (f"svc6.{T}", "SRV", NOERROR, [f"svc6.{T} 5 SRV 0 100 80 svc6.{T}"], [f"svc6.{T} 5 AAAA 1234:abcd::1"]),
     (
@@ -325,6 +336,9 @@ CASES: list[tuple[str, str, int, list[str], list[str]]] = [
     (f"emptyns.svc.{Z}", "A", NOERROR, [], []),
     (f"nsnoexist.svc.{Z}", "A", NXDOMAIN, [], []),
     (f"svc.{Z}", "A", NOERROR, [], []),
+    (f"svc.{Z}", "SRV", NOERROR, [], []),
+    (f"svc.{Z}", "TXT", NOERROR, [], []),
+    (T, "SRV", NOERROR, [], []),
     (f"pod.{Z}", "A", NOERROR, [], []),
     (Z, "A", NOERROR, [], []),
     (f"foo.{Z}", "A", NXDOMAIN, [], []),
@@ -364,6 +378,23 @@ CASES: list[tuple[str, str, int, list[str], list[str]]] = [
     ("2.0.0.172.in-addr.arpa.", "PTR", NOERROR, [f"2.0.0.172.in-addr.arpa. 5 PTR 172-0-0-2.hdls1.{T}"], []),
     ("4.0.0.172.in-addr.arpa.", "PTR", NOERROR, [f"4.0.0.172.in-addr.arpa. 5 PTR dup-name.hdls1.{T}"], []),
     ("30.0.0.172.in-addr.arpa.", "PTR", NOERROR, [f"30.0.0.172.in-addr.arpa. 5 PTR 172-0-0-30.notready.{T}"], []),
+    # An endpoint behind several services: one PTR per service it is ready behind
+    (
+        "1.1.0.172.in-addr.arpa.",
+        "PTR",
+        NOERROR,
+        [f"1.1.0.172.in-addr.arpa. 5 PTR 172-0-1-1.svc1.{T}", f"1.1.0.172.in-addr.arpa. 5 PTR 172-0-1-1.also.{T}"],
+        [],
+    ),
+    # Other types on reverse names: NODATA where the PTR exists, NXDOMAIN where it does not
+    ("1.0.0.10.in-addr.arpa.", "A", NOERROR, [], []),
+    ("1.0.0.10.in-addr.arpa.", "TXT", NOERROR, [], []),
+    ("1.1.0.172.in-addr.arpa.", "MX", NOERROR, [], []),
+    ("1.1.0.172.in-addr.arpa.", "SRV", NOERROR, [], []),
+    ("1.1.0.172.in-addr.arpa.", "CNAME", NOERROR, [], []),
+    ("99.0.0.10.in-addr.arpa.", "A", NXDOMAIN, [], []),
+    ("9.0.0.172.in-addr.arpa.", "TXT", NXDOMAIN, [], []),  # a not-ready endpoint has no PTR
+    ("0.0.10.in-addr.arpa.", "A", NXDOMAIN, [], []),
     (
         "1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.d.c.b.a.4.3.2.1.ip6.arpa.",
         "PTR",
@@ -492,6 +523,11 @@ async def test_labels_select_services(start_server: StartServer, tmp_path: Path)
     running = await start(start_server, tmp_path, "labels dns=yes", [*CLUSTER, labelled])
     assert texts((await running.udp(f"picked.{T}", "A")).answer) == [f"picked.{T} 5 A 10.0.0.50"]
     assert (await running.udp(f"svc1.{T}", "A")).rcode() == NXDOMAIN
+    # The DNS service is not labelled: not served by name nor by PTR, yet it still
+    # gives ns.dns its address.
+    assert (await running.udp(f"kube-dns.kube-system.svc.{Z}", "A")).rcode() == NXDOMAIN
+    assert (await running.udp("10.0.0.10.in-addr.arpa.", "PTR")).rcode() == NXDOMAIN
+    assert texts((await running.udp(f"ns.dns.{Z}", "A")).answer) == [f"ns.dns.{Z} 5 A 10.0.0.10"]
 
 
 async def test_pods_disabled_and_insecure(start_server: StartServer, tmp_path: Path) -> None:
@@ -578,7 +614,12 @@ async def test_external_lookup_depth_is_bounded(start_server: StartServer, tmp_p
     running = await start_server(text, registry=REGISTRY)
     reply = await running.udp(f"ping.{T}", "A")
     assert reply.rcode() == NOERROR  # no loop, no hang: an answer
-    assert reply.answer == [] or all(rrset.rdtype == dns.rdatatype.CNAME for rrset in reply.answer)
+    # Each lookup through the server adds its CNAME until the depth limit gives no
+    # records; the chain shows both lookups did run (the same two CNAMEs, repeated).
+    assert texts(reply.answer) == [
+        f"ping.{T} 5 CNAME pong.testns.svc.other.local.",
+        f"pong.testns.svc.other.local. 5 CNAME ping.{T}",
+    ]
 
 
 def _request(name: str, client: str = "127.0.0.1") -> Request:
@@ -606,5 +647,104 @@ async def test_autopath_search_uses_running_pods_only(start_server: StartServer,
 
 async def test_autopath_makes_pods_watched(start_server: StartServer, tmp_path: Path) -> None:
     """pods disabled keeps no pods, unless autopath asked for them (watch_pods)."""
-    running = await start(start_server, tmp_path, "pods disabled")
-    assert plugin_of(running).index.counts()["Pod"] == 0
+    objects = [*CLUSTER, pod("testns", "me", "127.0.0.1")]
+    alone = await start(start_server, tmp_path / "a", "pods disabled", objects)
+    assert not plugin_of(alone).settings.watch_pods and plugin_of(alone).index.counts()["Pod"] == 0
+    assert plugin_of(alone).autopath_search(_request(f"svc1.{Z}")) is None
+    directory = write_cluster(tmp_path / "b", objects)
+    running = await start_server(corefile(directory, "pods disabled", "autopath @kubernetes"), registry=REGISTRY)
+    kubernetes = plugin_of(running)
+    assert kubernetes.settings.watch_pods
+    assert kubernetes.index.counts()["Pod"] == 4  # the Running ones: pod1, pod6, pod2, me
+    search = kubernetes.autopath_search(_request(f"svc1.{Z}"))
+    assert search is not None and search[0] == f"testns.svc.{Z}"
+    assert (await running.udp(f"10-240-0-1.testns.pod.{Z}", "A")).rcode() == NXDOMAIN  # still disabled
+
+
+# -- watch events on a serving index (as the API source applies them) ---------------------------
+
+
+async def test_an_endpoint_ptr_survives_the_deletion_of_another_service(
+    start_server: StartServer, tmp_path: Path
+) -> None:
+    """172.0.1.1 is behind svc1, also (ready) and spare (not ready). Deleting the slices
+    one by one leaves the PTRs of the rest, whatever order they were applied in."""
+    running = await start(start_server, tmp_path)
+    index = plugin_of(running).index
+    name = "1.1.0.172.in-addr.arpa."
+    index.apply("EndpointSlice", "DELETED", endpoint_slice("testns", "also-a", "also", []))
+    assert texts((await running.udp(name, "PTR")).answer) == [f"{name} 5 PTR 172-0-1-1.svc1.{T}"]
+    index.apply("EndpointSlice", "ADDED", endpoint_slice("testns", "also-a", "also", [endpoint("172.0.1.1")]))
+    index.apply("EndpointSlice", "DELETED", endpoint_slice("testns", "svc1-a", "svc1", []))
+    assert texts((await running.udp(name, "PTR")).answer) == [f"{name} 5 PTR 172-0-1-1.also.{T}"]
+    index.apply("EndpointSlice", "DELETED", endpoint_slice("testns", "also-a", "also", []))
+    assert (await running.udp(name, "PTR")).rcode() == NXDOMAIN  # only the not-ready copy is left
+    index.apply("Service", "MODIFIED", service("testns", "spare", ["10.0.0.8"], HTTP, publishNotReadyAddresses=True))
+    assert texts((await running.udp(name, "PTR")).answer) == [f"{name} 5 PTR 172-0-1-1.spare.{T}"]
+
+
+async def test_a_cluster_ip_held_by_two_services(start_server: StartServer, tmp_path: Path) -> None:
+    """An IP reused while its old Service is still being deleted: the PTR names one of
+    them, and deleting either leaves the other's."""
+    objects = [*CLUSTER, service("testns", "reused", ["10.0.0.1"], HTTP)]
+    running = await start(start_server, tmp_path, "", objects)
+    index = plugin_of(running).index
+    name = "1.0.0.10.in-addr.arpa."
+    assert len(texts((await running.udp(name, "PTR")).answer)) == 1  # one service per IP, as CoreDNS
+    index.apply("Service", "DELETED", service("testns", "reused", ["10.0.0.1"]))
+    assert texts((await running.udp(name, "PTR")).answer) == [f"{name} 5 PTR svc1.{T}"]
+    index.apply("Service", "ADDED", service("testns", "reused", ["10.0.0.1"]))
+    index.apply("Service", "DELETED", service("testns", "svc1", ["10.0.0.1"]))
+    assert texts((await running.udp(name, "PTR")).answer) == [f"{name} 5 PTR reused.{T}"]
+    index.apply("Service", "MODIFIED", service("testns", "reused", ["None"]))  # now headless
+    assert (await running.udp(name, "PTR")).rcode() == NXDOMAIN
+    assert (await running.udp(name, "A")).rcode() == NXDOMAIN
+
+
+async def test_an_object_turned_malformed_stops_being_answered(start_server: StartServer, tmp_path: Path) -> None:
+    """A MODIFIED whose body no longer converts (logged) removes the old version, as the
+    next relist would; a DELETED needs only the name."""
+    running = await start(start_server, tmp_path)
+    index = plugin_of(running).index
+    broken = external("testns", "svc1", "not a host name")
+    index.apply("Service", "MODIFIED", broken)
+    assert (await running.udp(f"svc1.{T}", "A")).rcode() == NXDOMAIN
+    assert (await running.udp("1.0.0.10.in-addr.arpa.", "PTR")).rcode() == NXDOMAIN
+    garbage = {"metadata": {"name": "svc6", "namespace": "testns"}, "spec": {"clusterIP": "garbage"}}
+    index.apply("Service", "DELETED", garbage)
+    assert (await running.udp(f"svc6.{T}", "AAAA")).rcode() == NXDOMAIN
+
+
+async def test_answers_keep_the_letter_case_of_the_query(start_server: StartServer, tmp_path: Path) -> None:
+    """As CoreDNS: the owner is the name as asked, and names made from the zone (SRV
+    targets, glue, the SOA) take the zone as the query spelled it; names from the data
+    (an ExternalName's target) stay as they are."""
+    running = await start(start_server, tmp_path)
+    cased = "TestNS.svc.Cluster.LOCAL."
+    reply = await running.udp(f"_HTTP._tcp.Svc1.{cased}", "SRV")
+    assert texts(reply.answer) == [f"_HTTP._tcp.Svc1.{cased} 5 SRV 0 100 80 svc1.testns.svc.Cluster.LOCAL."]
+    assert texts(reply.additional) == ["svc1.testns.svc.Cluster.LOCAL. 5 A 10.0.0.1"]
+    reply = await running.udp(f"External-To-Service.{cased}", "A")
+    assert texts(reply.answer) == [f"External-To-Service.{cased} 5 CNAME svc1.{T}", f"svc1.{T} 5 A 10.0.0.1"]
+    reply = await running.udp(f"nothing.{cased}", "A")
+    assert reply.rcode() == NXDOMAIN
+    assert [line.split()[0] for line in soa_of(reply)] == ["Cluster.LOCAL."]
+    assert soa_of(reply)[0].split()[3:5] == ["ns.dns.Cluster.LOCAL.", "hostmaster.Cluster.LOCAL."]
+    reply = await running.udp("1.0.0.10.IN-ADDR.arpa.", "PTR")
+    assert texts(reply.answer) == [f"1.0.0.10.IN-ADDR.arpa. 5 PTR svc1.{T}"]
+    reply = await running.udp("Cluster.Local.", "NS")
+    assert texts(reply.answer) == ["Cluster.Local. 5 NS ns.dns.Cluster.Local."]
+    assert texts(reply.additional) == ["ns.dns.Cluster.Local. 5 A 10.0.0.10"]
+
+
+async def test_the_root_zone_makes_no_empty_labels(start_server: StartServer, tmp_path: Path) -> None:
+    """``kubernetes .``: SRV targets and PTRs are under the root, not ``svc..``."""
+    directory = write_cluster(tmp_path / "manifests")
+    text = f".:0 {{\n bind 127.0.0.1\n kubernetes . in-addr.arpa {{\n manifests {directory}\n }}\n}}\n"
+    root = await start_server(text, REGISTRY)
+    reply = await root.udp("svc1.testns.svc.", "SRV")
+    assert texts(reply.answer) == ["svc1.testns.svc. 5 SRV 0 100 80 svc1.testns.svc."]
+    assert texts(reply.additional) == ["svc1.testns.svc. 5 A 10.0.0.1"]
+    assert texts((await root.udp("1.0.0.10.in-addr.arpa.", "PTR")).answer) == [
+        "1.0.0.10.in-addr.arpa. 5 PTR svc1.testns.svc."
+    ]

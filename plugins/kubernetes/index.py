@@ -49,10 +49,17 @@ class Index:
         #: Unix time of the last change (the SOA serial, as CoreDNS's "modified").
         self.modified = int(time.time())
         self.services: dict[Key, Service] = {}
-        self.service_ips: dict[str, Service] = {}  # cluster IP -> Service (PTR)
+        #: kube-system/kube-dns, kept whatever the filters say: ns.dns.<zone> is its address.
+        #: It is in ``services`` (answered by name and PTR) only when the filters want it.
+        self.dns_service: Service | None = None
+        # IP -> the Service (PTR), or a tuple of them when several hold it (an IP reused
+        # while its old Service is still being deleted).
+        self.service_ips: dict[str, Service | tuple[Service, ...]] = {}
         self.slices: dict[Key, Slice] = {}  # (namespace, slice name) -> Slice
         self.service_slices: dict[Key, tuple[Slice, ...]] = {}  # (namespace, service) -> its slices
-        self.endpoint_ips: dict[str, Slice] = {}  # endpoint IP -> a slice holding it (PTR)
+        # Endpoint IP -> the slice holding it, or a tuple of them: a pod behind several
+        # Services, or an endpoint moving between slices, is in several at once (PTR).
+        self.endpoint_ips: dict[str, Slice | tuple[Slice, ...]] = {}
         self.namespaces: set[str] = set()
         # Running pods only. "namespace/name" -> its IP, or a tuple of IPs (dual stack);
         # IP -> "namespace/name", or a tuple of them when pods share it (host network).
@@ -83,9 +90,14 @@ class Index:
             self._complain(kind, f"ignored {event} event of kind {kind}")
             return
         try:
-            key = applier(event, obj)
+            # A deletion needs only the object's name: its body is not read (nor trusted).
+            key = self._delete(kind, obj) if event == "DELETED" else applier(event, obj)
         except (ValueError, TypeError, AttributeError, KeyError) as exc:
             self._complain(kind, f"ignored malformed {kind} {_describe(obj)}: {exc}")
+            # Whatever was held under this name is stale now (the object changed into
+            # something unusable): drop it, as the next relist would, rather than keep
+            # answering from the old version until then.
+            self._forget(kind, obj)
             return
         self.modified = int(time.time())
         seen = self._listing.get(kind)
@@ -102,6 +114,8 @@ class Index:
         elif kind == "Service":
             for key in [key for key in self.services if key not in seen]:
                 self._remove_service(key)
+            if DNS_SERVICE not in seen:
+                self.dns_service = None
         elif kind == "EndpointSlice":
             for key in [key for key in self.slices if key not in seen]:
                 self._remove_slice(key)
@@ -167,22 +181,25 @@ class Index:
         keys = (found,) if isinstance(found, str) else found
         return [key.split("/", 1)[0] for key in keys if key not in self.host_network_pods]
 
-    def endpoint_for_ip(self, ip: str) -> tuple[Slice, objects.Endpoint] | None:
-        piece = self.endpoint_ips.get(ip)
-        if piece is None:
-            return None
-        for endpoint in piece.endpoints:
-            if endpoint.address == ip:
-                return piece, endpoint
-        return None
+    def services_at(self, ip: str) -> tuple[Service, ...]:
+        """The Services whose cluster IPs include ``ip`` (normally one)."""
+        return _all(self.service_ips.get(ip))
+
+    def endpoints_at(self, ip: str) -> Iterator[tuple[Slice, objects.Endpoint]]:
+        """Every (slice, endpoint) with address ``ip``, in every slice that holds it,
+        ready or not (the caller decides what it serves)."""
+        for piece in _all(self.endpoint_ips.get(ip)):
+            for endpoint in piece.endpoints:
+                if endpoint.address == ip:
+                    yield piece, endpoint
 
     # -- appliers: each returns the key the object is held under ----------------------------
 
     def _apply_namespace(self, event: str, obj: Any) -> str | None:
         name, labels = objects.to_namespace(obj)
-        keep = event != "DELETED"
+        keep = True
         settings = self.settings
-        if keep and settings is not None:
+        if settings is not None:
             selector = settings.namespace_selector
             keep = settings.namespace_listed(name) and (selector is None or selector.matches(labels))
         if keep:
@@ -195,34 +212,64 @@ class Index:
     def _apply_service(self, event: str, obj: Any) -> Key | None:
         service, labels = objects.to_service(obj)
         key = (service.namespace, service.name)
-        # The DNS service is kept whatever the filters say: ns.dns.<zone> is its address.
-        if event == "DELETED" or not (key == DNS_SERVICE or self._wanted(service.namespace, labels)):
-            self._remove_service(key)
-            return None
         self._remove_service(key)
+        if key == DNS_SERVICE:
+            self.dns_service = service  # for ns.dns.<zone> only; served below if wanted
+        if not self._wanted(service.namespace, labels):
+            return key if key == DNS_SERVICE else None
         self.services[key] = service
         for ip in service.ips:
-            self.service_ips[ip] = service
+            _hold(self.service_ips, ip, service)
         return key
 
     def _apply_slice(self, event: str, obj: Any) -> Key | None:
         pod_names = self.settings is None or self.settings.endpoint_pod_names
         piece, labels, trigger = objects.to_slice(obj, pod_names)
         key = (piece.namespace, piece.name)
-        noendpoints = self.settings is not None and self.settings.noendpoints
-        if event == "DELETED" or noendpoints or not self._wanted(piece.namespace, labels):
-            existed = self._remove_slice(key)
-            if existed is not None and event == "DELETED":
-                self._observe_programming(existed, trigger)
-            return None
         self._remove_slice(key)
+        noendpoints = self.settings is not None and self.settings.noendpoints
+        if noendpoints or not self._wanted(piece.namespace, labels):
+            return None
         self.slices[key] = piece
         owner = (piece.namespace, piece.service)
         self.service_slices[owner] = (*self.service_slices.get(owner, ()), piece)
         for endpoint in piece.endpoints:
-            self.endpoint_ips[endpoint.address] = piece
+            _hold(self.endpoint_ips, endpoint.address, piece)
         self._observe_programming(piece, trigger)
         return key
+
+    def _delete(self, kind: str, obj: Any) -> None:
+        """A DELETED event: remove what is held under the object's name."""
+        key = _key(kind, obj)
+        if kind == "EndpointSlice":
+            existed = self._remove_slice(key)
+            if existed is not None:
+                annotations = objects.metadata(obj)[2].get("annotations")
+                trigger = annotations.get(objects.TRIGGER_TIME_ANNOTATION) if isinstance(annotations, dict) else None
+                self._observe_programming(existed, trigger if isinstance(trigger, str) else None)
+        else:
+            self._remove(kind, key)
+
+    def _forget(self, kind: str, obj: Any) -> None:
+        """Remove what is held under a malformed object's name, if it has a usable one."""
+        try:
+            key = _key(kind, obj)
+        except (ValueError, TypeError, AttributeError, KeyError):
+            return
+        self._remove(kind, key)
+        self.modified = int(time.time())
+
+    def _remove(self, kind: str, key: Any) -> None:
+        if kind == "Namespace":
+            self.namespaces.discard(key)
+        elif kind == "Service":
+            self._remove_service(key)
+            if key == DNS_SERVICE:
+                self.dns_service = None
+        elif kind == "EndpointSlice":
+            self._remove_slice(key)
+        elif kind == "Pod":
+            self._remove_pod(key)
 
     def _apply_pod(self, event: str, obj: Any) -> str | None:
         namespace, name, ips, running, node, labels = objects.to_pod(obj)
@@ -255,8 +302,7 @@ class Index:
         if service is None:
             return
         for ip in service.ips:
-            if self.service_ips.get(ip) is service:
-                del self.service_ips[ip]
+            _release(self.service_ips, ip, service)
 
     def _remove_slice(self, key: Key) -> Slice | None:
         piece = self.slices.pop(key, None)
@@ -268,16 +314,10 @@ class Index:
             self.service_slices[owner] = rest
         else:
             self.service_slices.pop(owner, None)
+        # Only this slice's own entries go: other slices holding the same addresses are
+        # in those entries too, so a removal costs this slice's endpoints alone.
         for endpoint in piece.endpoints:
-            ip = endpoint.address
-            if self.endpoint_ips.get(ip) is piece:
-                del self.endpoint_ips[ip]
-                # Another slice may hold the same address (an endpoint moving between
-                # slices): keep it findable.
-                for other in rest:
-                    if any(other_endpoint.address == ip for other_endpoint in other.endpoints):
-                        self.endpoint_ips[ip] = other
-                        break
+            _release(self.endpoint_ips, endpoint.address, piece)
         return piece
 
     def _remove_pod(self, key: str) -> None:
@@ -336,6 +376,49 @@ class Index:
         elif count == _LOG_BURST:
             log.warning("more malformed %s objects; not logging them for a minute", kind)
         self._logged[kind] = (start, count + 1)
+
+
+def _key(kind: str, obj: Any) -> Any:
+    """The key an object of ``kind`` is held under, from its metadata alone."""
+    namespace, name, _meta = objects.metadata(obj)
+    if kind == "Namespace":
+        return name
+    if kind == "Pod":
+        return f"{namespace}/{name}"
+    return (namespace, name)
+
+
+def _all(held: Any) -> tuple[Any, ...]:
+    """The values of a one-or-tuple table entry (see ``_hold``)."""
+    if held is None:
+        return ()
+    return held if isinstance(held, tuple) else (held,)
+
+
+def _hold(table: dict[str, Any], ip: str, value: Any) -> None:
+    """Add ``value`` to the entry of ``ip``: the value itself while it is alone (the
+    common case: no tuple per address), a tuple once several objects hold the address."""
+    held = table.get(ip)
+    if held is None:
+        table[ip] = value
+    elif isinstance(held, tuple):
+        if not any(item is value for item in held):
+            table[ip] = (*held, value)
+    elif held is not value:
+        table[ip] = (held, value)
+
+
+def _release(table: dict[str, Any], ip: str, value: Any) -> None:
+    """Take ``value`` out of the entry of ``ip``; the others holding it stay."""
+    held = table.get(ip)
+    if held is None:
+        return
+    if not isinstance(held, tuple):
+        if held is value:
+            del table[ip]
+        return
+    rest = tuple(item for item in held if item is not value)
+    table[ip] = rest[0] if len(rest) == 1 else rest
 
 
 def _describe(obj: Any) -> str:

@@ -13,9 +13,11 @@ name the item is known by), and each query type makes its records from the items
 
 An empty item list is NODATA; ``None`` is a name error (NXDOMAIN, fallthrough, or
 SERVFAIL before the first sync). Both carry the zone's SOA in the authority section.
-Where CoreDNS gives a name an NXDOMAIN for one type and a NODATA for another (TXT or
-SOA on an existing name, A on ``dns-version``), this module answers NODATA for every
-type: a name exists or it does not (a cache must never see the two disagree).
+Where CoreDNS's answer for a name depends on the query type (NXDOMAIN for TXT on an
+existing service or namespace, NODATA for SOA on any name below the apex, NXDOMAIN for A
+on ``dns-version`` or for A, TXT or MX on a reverse name that has a PTR), this module
+answers as for every other type: a name exists or it does not, whatever the type (a
+cache must never see the two disagree).
 """
 
 from __future__ import annotations
@@ -26,7 +28,6 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from dnslib import AAAA, CNAME, NS, PTR, QTYPE, RR, SOA, SRV, TXT, A, DNSLabel, DNSRecord
 
-from plugins.kubernetes.index import DNS_SERVICE
 from plugins.kubernetes.objects import CLUSTER_IP, EXTERNAL_NAME, Endpoint, Service
 from resolver import wire
 from resolver.dnsnames import in_zone, in_zones
@@ -191,7 +192,7 @@ class Answerer:
             ip = str(ipaddress.ip_address(text))
         except ValueError:
             return None
-        item = Item(ip, -1, f"{label}.{parsed.namespace}.pod.{zone}")
+        item = Item(ip, -1, _join(f"{label}.{parsed.namespace}.pod.", zone))
         if mode in ("insecure", "local"):
             # `pods local` keeps only this node's pods: it cannot verify the others, so
             # it answers pod names as insecure does.
@@ -206,7 +207,7 @@ class Answerer:
         service = self.index.service(parsed.namespace, parsed.service)
         if service is None:
             return None
-        base = f"{service.name}.{service.namespace}.svc.{zone}"
+        base = _join(f"{service.name}.{service.namespace}.svc.", zone)
         kind = service.kind
         if kind == EXTERNAL_NAME:
             if parsed.endpoint or parsed.port or parsed.protocol:
@@ -243,7 +244,7 @@ class Answerer:
 
     def services(self, name: str, zone: str, qtype: int) -> Items:
         """CoreDNS's Services: records() plus the special names, by query type."""
-        if name == f"dns-version.{zone}" or (zone == "." and name == "dns-version."):
+        if name == _join("dns-version.", zone):
             if qtype == QTYPE.TXT:
                 return [Item(DNS_SCHEMA_VERSION, -1, name)]
             return []
@@ -252,6 +253,9 @@ class Answerer:
             return [Item(ip, -1, name) for ip in self.ns_addresses() if _family(ip) == family]
         if name == zone:
             return []  # the apex exists (SOA, NS)
+        if _is_reverse(name):
+            # A reverse name exists when it has a PTR; any other type of it is NODATA.
+            return None if self.reverse(name, zone) is None else []
         items = self.records(name, zone)
         if items is None:
             return None
@@ -262,9 +266,10 @@ class Answerer:
         return items
 
     def ns_addresses(self) -> list[str]:
-        """Addresses of ns.dns.<zone>: the cluster IPs of kube-system/kube-dns, else the
-        non-loopback addresses this server block is bound to."""
-        service = self.index.service(*DNS_SERVICE)
+        """Addresses of ns.dns.<zone>: the cluster IPs of kube-system/kube-dns (whether or
+        not the filters serve it by name), else the non-loopback addresses this server
+        block is bound to."""
+        service = self.index.dns_service
         if service is not None and service.ips:
             return list(service.ips)
         block = self.plugin.block
@@ -279,26 +284,32 @@ class Answerer:
         return addresses
 
     def reverse(self, name: str, zone: str) -> Items:
-        """CoreDNS's Reverse: PTR targets of a service or endpoint IP."""
+        """CoreDNS's Reverse: PTR targets of an IP. A service's cluster IP names that
+        service (the first one exposed, if several hold the IP); else every served
+        endpoint with that address names itself, in every service it is behind."""
         ip = reverse_address(name)
         if ip is None:
             items = self.records(name, zone)
             return None if items is None else [item for item in items if not _family(item.host)]
+        # As CoreDNS: namespaces are checked only when `namespaces` lists them (the index
+        # holds no Service nor EndpointSlice that `namespaces` or `labels` exclude).
         restricted = bool(self.settings.namespaces)
-        service = self.index.service_ips.get(ip)
-        if service is not None and not (restricted and not self.exposed(service.namespace)):
-            return [Item(f"{service.name}.{service.namespace}.svc.{self.primary}", -1, name)]
-        found = self.index.endpoint_for_ip(ip)
-        if found is None:
-            return None
-        piece, endpoint = found
-        owner = self.index.service(piece.namespace, piece.service)
-        if restricted and not self.exposed(piece.namespace):
-            return None
-        if not endpoint.ready and (owner is None or not owner.publish_not_ready):
-            return None
-        label = endpoint_name(endpoint, self.settings.endpoint_pod_names)
-        return [Item(f"{label}.{piece.service}.{piece.namespace}.svc.{self.primary}", -1, name)]
+        for service in self.index.services_at(ip):
+            if not restricted or self.exposed(service.namespace):
+                return [Item(_join(f"{service.name}.{service.namespace}.svc.", self.primary), -1, name)]
+        pod_names = self.settings.endpoint_pod_names
+        items: list[Item] = []
+        for piece, endpoint in self.index.endpoints_at(ip):
+            if restricted and not self.exposed(piece.namespace):
+                continue
+            if not endpoint.ready:
+                owner = self.index.service(piece.namespace, piece.service)
+                if owner is None or not owner.publish_not_ready:
+                    continue
+            label = endpoint_name(endpoint, pod_names)
+            target = _join(f"{label}.{piece.service}.{piece.namespace}.svc.", self.primary)
+            items.append(Item(target, -1, name))
+        return items or None
 
     # -- answering ---------------------------------------------------------------------------
 
@@ -308,33 +319,38 @@ class Answerer:
         if zone is None:
             return await next(req)
         qtype = req.qtype
+        # As CoreDNS, the records keep the letter case of the query: the owner is the name
+        # as sent, and names made from the zone (SRV targets and their glue, SOA, NS) take
+        # the zone as the query spelled it. Lookups use the lower-case ``qname``.
+        owner = DNSLabel(req.labels)
+        cased = _cased_zone(req.labels, zone)
         answer: list[RR] = []
         extra: list[RR] = []
         items: Items
         if qtype in (QTYPE.A, QTYPE.AAAA):
-            records = await self.addresses(req, qname, zone, qtype, [])
+            records = await self.addresses(req, qname, zone, qtype, [], owner)
             items, answer = ([], records) if records is not None else (None, [])
         elif qtype == QTYPE.SRV:
             items = self.services(qname, zone, qtype)
             if items:
-                answer, extra = self.srv(qname, items)
+                answer, extra = self.srv(owner, items, zone, cased)
         elif qtype == QTYPE.PTR:
             items = self.reverse(qname, zone)
             if items:
-                answer = self.ptr(qname, items)
+                answer = self.ptr(owner, items)
         elif qtype == QTYPE.TXT:
             items = self.services(qname, zone, qtype)
             if items:
-                answer = [self._rr(qname, QTYPE.TXT, TXT(items[0].host), DNS_VERSION_TTL)]
+                answer = [self._rr(owner, QTYPE.TXT, TXT(items[0].host), DNS_VERSION_TTL)]
         elif qtype == QTYPE.CNAME:
             items = self.services(qname, zone, qtype)
             if items and not _family(items[0].host):
-                answer = [self._rr(qname, QTYPE.CNAME, CNAME(_label(items[0].host)))]
+                answer = [self._rr(owner, QTYPE.CNAME, CNAME(_label(items[0].host)))]
         elif qtype == QTYPE.SOA and qname == zone:
-            items, answer = [], [self.soa(zone)]
+            items, answer = [], [self.soa(cased)]
         elif qtype == QTYPE.NS and qname == zone:
             items = []
-            answer, extra = self.ns(zone)
+            answer, extra = self.ns(cased)
         elif qtype in (QTYPE.AXFR, QTYPE.IXFR):
             return self.plugin.fail(req, wire.REFUSED)
         else:
@@ -347,9 +363,9 @@ class Answerer:
             if fallthrough is not None and in_zones(qname, fallthrough):
                 return await next(req)
             rcode = wire.NXDOMAIN if self.index.synced else wire.SERVFAIL
-            return self._negative(req, zone, rcode)
+            return self._negative(req, cased, rcode)
         if not answer:
-            return self._negative(req, zone, wire.NOERROR)
+            return self._negative(req, cased, wire.NOERROR)
         reply = req.reply(authoritative=True)
         for record in answer:
             reply.add_answer(record)
@@ -357,10 +373,14 @@ class Answerer:
             reply.add_ar(record)
         return self.plugin.answer(reply)
 
-    async def addresses(self, req: Request, name: str, zone: str, qtype: int, chain: list[RR]) -> list[RR] | None:
+    async def addresses(
+        self, req: Request, name: str, zone: str, qtype: int, chain: list[RR], owner: DNSLabel | None = None
+    ) -> list[RR] | None:
         """A or AAAA records of ``name`` (None: no such name), following ExternalName
-        CNAMEs inside the zone, or through the server for targets outside it."""
+        CNAMEs inside the zone, or through the server for targets outside it. ``owner``:
+        the records' owner name (the query's own spelling), ``name`` by default."""
         items = self.services(name, zone, qtype)
+        rname = _label(name) if owner is None else owner
         if items is None:
             return None
         want = 4 if qtype == QTYPE.A else 6
@@ -371,19 +391,21 @@ class Answerer:
             if family == want and item.host not in seen:
                 seen.add(item.host)
                 rdata = A(item.host) if want == 4 else AAAA(item.host)
-                records.append(self._rr(name, qtype, rdata))
+                records.append(self._rr(rname, qtype, rdata))
             elif family == 0:
-                records.extend(await self._follow(req, name, item.host, zone, qtype, chain))
+                records.extend(await self._follow(req, name, rname, item.host, zone, qtype, chain))
         return records
 
-    async def _follow(self, req: Request, name: str, target: str, zone: str, qtype: int, chain: list[RR]) -> list[RR]:
-        """The CNAME to ``target`` and the target's records; nothing when they cannot be
-        had (CoreDNS then leaves the CNAME out too)."""
+    async def _follow(
+        self, req: Request, name: str, rname: DNSLabel, target: str, zone: str, qtype: int, chain: list[RR]
+    ) -> list[RR]:
+        """The CNAME from ``name`` (spelled ``rname``) to ``target`` and the target's
+        records; nothing when they cannot be had (CoreDNS then leaves the CNAME out too)."""
         if target == name or len(chain) > MAX_CNAME_CHAIN:
             return []
-        if any(str(record.rname) == name and str(record.rdata.label) == target for record in chain):
+        if any(str(record.rname).lower() == name and str(record.rdata.label) == target for record in chain):
             return []  # a CNAME loop
-        cname = self._rr(name, QTYPE.CNAME, CNAME(_label(target)))
+        cname = self._rr(rname, QTYPE.CNAME, CNAME(_label(target)))
         if in_zone(target, zone):
             following = await self.addresses(req, target, zone, qtype, [*chain, cname])
             return [cname, *following] if following else []
@@ -392,9 +414,9 @@ class Answerer:
             return []
         return [cname, *message.rr]
 
-    def srv(self, name: str, items: list[Item]) -> tuple[list[RR], list[RR]]:
+    def srv(self, owner: DNSLabel, items: list[Item], zone: str, cased: str) -> tuple[list[RR], list[RR]]:
         """SRV records with CoreDNS's weights (100 / number of items, at least 1) and
-        their targets' addresses as glue."""
+        their targets' addresses as glue; targets end in the zone as the query spelled it."""
         weight = max(1, int(100 / len(items)))
         answer: list[RR] = []
         extra: list[RR] = []
@@ -403,20 +425,22 @@ class Answerer:
         for item in items:
             if item.port == -1:
                 continue
-            if (item.name, item.port) not in seen_srv:
-                seen_srv.add((item.name, item.port))
-                answer.append(self._rr(name, QTYPE.SRV, SRV(0, weight, item.port, _label(item.name))))
-            if (item.name, item.host) not in seen_glue:
-                seen_glue.add((item.name, item.host))
+            target = _recase(item.name, zone, cased)
+            if (target, item.port) not in seen_srv:
+                seen_srv.add((target, item.port))
+                answer.append(self._rr(owner, QTYPE.SRV, SRV(0, weight, item.port, _label(target))))
+            if (target, item.host) not in seen_glue:
+                seen_glue.add((target, item.host))
                 if _family(item.host) == 4:
-                    extra.append(self._rr(item.name, QTYPE.A, A(item.host)))
+                    extra.append(self._rr(target, QTYPE.A, A(item.host)))
                 else:
-                    extra.append(self._rr(item.name, QTYPE.AAAA, AAAA(item.host)))
+                    extra.append(self._rr(target, QTYPE.AAAA, AAAA(item.host)))
         return answer, extra
 
-    def ptr(self, name: str, items: list[Item]) -> list[RR]:
+    def ptr(self, owner: DNSLabel, items: list[Item]) -> list[RR]:
+        """One PTR per distinct target (an endpoint behind several services has several)."""
         targets = list(dict.fromkeys(item.host for item in items))
-        return [self._rr(name, QTYPE.PTR, PTR(_label(target))) for target in targets]
+        return [self._rr(owner, QTYPE.PTR, PTR(_label(target))) for target in targets]
 
     def ns(self, zone: str) -> tuple[list[RR], list[RR]]:
         """NS ns.dns.<zone>, with its addresses as glue (no addresses: no NS, as CoreDNS)."""
@@ -443,8 +467,9 @@ class Answerer:
         reply.add_auth(self.soa(zone))
         return self.plugin.answer(reply)
 
-    def _rr(self, name: str, rtype: int, rdata: object, ttl: int | None = None) -> RR:
-        return RR(_label(name), rtype, CLASS_IN, self.settings.ttl if ttl is None else ttl, rdata)
+    def _rr(self, name: str | DNSLabel, rtype: int, rdata: object, ttl: int | None = None) -> RR:
+        owner = name if isinstance(name, DNSLabel) else _label(name)
+        return RR(owner, rtype, CLASS_IN, self.settings.ttl if ttl is None else ttl, rdata)
 
 
 def _port_matches(parsed: Parsed, name: str, protocol: str) -> bool:
@@ -460,11 +485,30 @@ def _looks_like_ip(name: str) -> bool:
 
 
 def _join(prefix: str, zone: str) -> str:
+    """``prefix`` (labels with a final dot) under ``zone``: the root adds nothing."""
     return prefix if zone == "." else prefix + zone
 
 
 def _label(name: str) -> DNSLabel:
     return DNSLabel(name)
+
+
+def _cased_zone(labels: tuple[bytes, ...], zone: str) -> str:
+    """``zone`` spelled with the letter case of the query's last labels (CoreDNS's
+    ``qname[len(qname)-len(zone):]``); ``zone`` itself if they do not spell it."""
+    count = 0 if zone == "." else zone.count(".")  # configured zones hold no escaped dots
+    if count > len(labels):
+        return zone
+    tail = labels[len(labels) - count :]
+    cased = ".".join(label.decode("ascii", "replace") for label in tail) + "." if tail else "."
+    return cased if cased.lower() == zone else zone
+
+
+def _recase(name: str, zone: str, cased: str) -> str:
+    """``name`` (lower case, made from ``zone``) ending in the zone as ``cased`` spells it."""
+    if cased == zone or not name.endswith(zone):
+        return name
+    return name[: len(name) - len(zone)] + cased
 
 
 # -- lookups through the server's own chain ------------------------------------------------
