@@ -331,7 +331,7 @@ async def test_object_counts_and_programming_latency(start_server: StartServer, 
         endpoint_slice("testns", "a-1", "a", [endpoint("172.0.0.1")], HTTP),
         pod("testns", "p", "10.1.0.1"),
     )
-    running = await start(start_server, tmp_path, "pods insecure")
+    running = await start(start_server, tmp_path, "pods verified")
     metrics = running.server.runtime.metrics
     gauge = metrics["coredns_kubernetes_objects"]
     assert gauge.current() == {("Namespace",): 1, ("Service",): 2, ("EndpointSlice",): 1, ("Pod",): 1}  # type: ignore[union-attr]

@@ -540,6 +540,9 @@ async def test_pods_disabled_and_insecure(start_server: StartServer, tmp_path: P
         assert texts(reply.answer) == [f"{name}.testns.pod.{Z} 5 A {name.replace('-', '.')}"]
     assert (await insecure.udp(f"10-9-9-9.nsnoexist.pod.{Z}", "A")).rcode() == NXDOMAIN
     assert (await insecure.udp(f"10-9-9.testns.pod.{Z}", "A")).rcode() == NXDOMAIN
+    # insecure needs no pod: none is watched nor held (CoreDNS watches pods for verified only)
+    kubernetes = plugin_of(insecure)
+    assert not kubernetes.settings.watch_pods and kubernetes.index.counts()["Pod"] == 0
 
 
 async def test_pods_local_answers_like_insecure_and_keeps_only_its_node(

@@ -89,6 +89,16 @@ def test_fallthrough_without_zones_is_everything_and_pods_local_takes_the_enviro
     assert settings.namespace_labels == "team=a"
 
 
+@pytest.mark.parametrize(
+    ("mode", "watched"), [("disabled", False), ("insecure", False), ("verified", True), ("local node-1", True)]
+)
+def test_pods_are_watched_only_by_the_modes_that_look_them_up(mode: str, watched: bool) -> None:
+    """As CoreDNS (its pod watch is for verified only): insecure answers the address a
+    name spells, so it needs no cluster-wide pod watch; autopath may still ask for one."""
+    assert settings_of(f"kubernetes {{\n pods {mode}\n}}").watch_pods is watched
+    assert Settings(zones=["cluster.local."], pods=mode.split()[0]).watch_pods is watched
+
+
 def test_several_endpoints_use_the_first() -> None:
     assert settings_of("kubernetes {\n endpoint http://a:1 http://b:2\n}").endpoint == "http://a:1"
 

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from plugins.autopath import parse_search_path
 from plugins.kubernetes.index import Index
 from plugins.kubernetes.records import Answerer
-from plugins.kubernetes.settings import POD_MODES, Settings, parse_selector
+from plugins.kubernetes.settings import POD_MODES, WATCHED_POD_MODES, Settings, parse_selector
 from resolver.config import ServerBlock, zone_arguments
 from resolver.corefile import CorefileError, Directive
 from resolver.dnsnames import in_zone
@@ -279,7 +279,7 @@ def _pods(option: Directive, settings: Settings, block: ServerBlock) -> None:
     elif len(args) != 1:
         raise option.error(f"pods {mode} takes no other argument, got {args[1]!r}")
     settings.pods = mode
-    settings.watch_pods = mode != "disabled"
+    settings.watch_pods = mode in WATCHED_POD_MODES
 
 
 def _flag(option: Directive, settings: Settings, block: ServerBlock) -> None:

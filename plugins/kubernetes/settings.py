@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 POD_MODES = ("disabled", "insecure", "verified", "local")
+#: The modes that look pods up (``insecure`` answers the address a name spells, as CoreDNS,
+#: which watches pods for ``verified`` only: a cluster-wide pod watch is not free).
+WATCHED_POD_MODES = ("verified", "local")
 DEFAULT_TTL = 5
 DEFAULT_STARTUP_TIMEOUT = 5.0
 
@@ -39,10 +42,10 @@ class Settings:
     ignore_empty_service: bool = False
     startup_timeout: float = DEFAULT_STARTUP_TIMEOUT
     manifests: str | None = None  # absolute path of the manifests directory
-    watch_pods: bool = False  # pods mode needs them, or autopath asked (connect())
+    watch_pods: bool = False  # the pods mode needs them, or autopath asked (connect())
 
     def __post_init__(self) -> None:
-        if self.pods != "disabled":
+        if self.pods in WATCHED_POD_MODES:
             self.watch_pods = True
 
     def namespace_listed(self, namespace: str) -> bool:
