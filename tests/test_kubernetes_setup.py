@@ -175,13 +175,22 @@ def test_manifests_must_be_a_directory(tmp_path: Path) -> None:
         ("app=web, tier=front", {"app": "web"}, False),
         ("example.com/team=a", {"example.com/team": "a"}, True),
         ("app=", {"app": ""}, True),
+        # As Kubernetes parses sets: an empty place in one is the empty value
+        ("app in (a,,b)", {"app": ""}, True),
+        ("app in (a,,b)", {"app": "b"}, True),
+        ("app in (a,)", {"app": ""}, True),
+        ("app in ()", {"app": ""}, True),
+        ("app in ()", {"app": "a"}, False),
+        ("app notin (,a)", {"app": ""}, False),
     ],
 )
 def test_selector_semantics(text: str, labels: dict[str, str], matches: bool) -> None:
     assert parse_selector(text).matches(labels) is matches
 
 
-@pytest.mark.parametrize("text", ["app in web", "app in (", "=web", "app=web,", "app >= 3", "a=b=c", "app in ()", ","])
+@pytest.mark.parametrize(
+    "text", ["app in web", "app in (", "=web", "app=web,", "app >= 3", "a=b=c", ",", "app in (web db)", "app in (a,b"]
+)
 def test_selector_errors(text: str) -> None:
     with pytest.raises(ValueError):
         parse_selector(text)

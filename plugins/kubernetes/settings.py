@@ -161,24 +161,36 @@ def _requirement(tokens: list[str], position: int) -> tuple[tuple[str, str, froz
     if operator in ("in", "notin"):
         if position + 1 >= len(tokens) or tokens[position + 1] != "(":
             raise ValueError(f'expected "(" after "{operator}"')
-        position += 2
-        values: set[str] = set()
-        while True:
-            if position >= len(tokens):
-                raise ValueError('missing ")"')
-            token = tokens[position]
-            if token == ")":
-                position += 1
-                break
-            if token == ",":
-                position += 1
-                continue
-            values.add(_value(token))
-            position += 1
-        if not values:
-            raise ValueError(f'"{operator}" needs at least one value')
+        values, position = _values(tokens, position + 2)
         return (key, operator, frozenset(values)), position
     raise ValueError(f'"{operator}" is not a valid label selector operator')
+
+
+def _values(tokens: list[str], position: int) -> tuple[set[str], int]:
+    """The values of an ``in``/``notin`` set, from just after its ``(`` to past its ``)``.
+
+    As Kubernetes reads them (the API server gets the same text): values are separated
+    by commas, and an empty place is the empty value (``()``, ``(a,,b)``, ``(a,)``), but
+    two values without a comma between them are an error.
+    """
+    values: set[str] = set()
+    expecting = True  # at the start, or just after a comma
+    while True:
+        if position >= len(tokens):
+            raise ValueError('missing ")"')
+        token = tokens[position]
+        position += 1
+        if token in (",", ")"):
+            if expecting:
+                values.add("")
+            if token == ")":
+                return values, position
+            expecting = True
+        elif expecting:
+            values.add(_value(token))
+            expecting = False
+        else:
+            raise ValueError(f'expected "," or ")" after a value, found "{token}"')
 
 
 def _key(tokens: list[str], position: int) -> str:
