@@ -100,6 +100,12 @@ class Errors(Plugin):
         self._report(req, reply.rcode, reply.error)
         return reply
 
+    def observe(self, req: Request, reply: Reply, _elapsed: float) -> None:
+        """What ``serve`` does with a reply, for the server's fast path (a cache hit
+        answered without running the chain: ``resolver.server.fast_path``)."""
+        if reply.error is not None:
+            self._report(req, reply.rcode, reply.error)
+
     async def stop(self) -> None:
         # As CoreDNS does on shutdown: log what is pending now, and every later error
         # (queries still finishing in this chain) on its own.

@@ -227,7 +227,12 @@ class Prometheus(Plugin):
         except Exception as exc:
             self._count_failure(req, perf_counter() - start, exc)
             raise
-        elapsed = perf_counter() - start
+        self.observe(req, reply, perf_counter() - start)
+        return reply
+
+    def observe(self, req: Request, reply: Reply | None, elapsed: float) -> None:
+        """Count one answered query: ``serve`` after the chain, and the server's fast path
+        (a cache hit answered without running the chain: ``resolver.server.fast_path``)."""
         # What one kind of query updates (label tuples, the histograms' slot lists) is
         # looked up once per kind, not per query. The length of the client address tuple
         # stands for its family (2 items for IPv4, 4 for IPv6; the server's IPv6 sockets
@@ -255,7 +260,6 @@ class Prometheus(Plugin):
                 labels = responses[outcome] = (*zone_labels, rcode_name(outcome[0]), outcome[1])
             counts = self._response_counts
             counts[labels] = counts.get(labels, 0.0) + 1.0
-        return reply
 
     def _new_series(self, key: SeriesKey, req: Request) -> Series:
         if len(self._series) >= MAX_SERIES_CACHE:

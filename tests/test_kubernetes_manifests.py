@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import shutil
+import os
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -221,9 +221,30 @@ async def test_a_vanished_directory_keeps_the_objects(
     directory.mkdir()
     dump(directory / "a.yaml", service("ns1", "one", ["10.0.0.1"]))
     running = await start(start_server, directory)
-    shutil.rmtree(directory)
+    # Gone in one step: rmtree would empty it first, and a poll in between rightly reads
+    # an empty directory (its objects removed), which is not what this test is about.
+    directory.rename(tmp_path / "elsewhere")
     await wait_for(lambda: any("cannot be read" in message for message in captured.messages))
     assert await addresses(running, "one.ns1.svc.cluster.local.") == ["10.0.0.1"]
+
+
+def test_a_directory_gone_during_a_scan_is_unreadable_not_empty(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Renamed away between listing it and reading its files: its files seem to vanish
+    one by one, which must not read as an empty directory (that drops every object)."""
+    directory = tmp_path / "m"
+    directory.mkdir()
+    dump(directory / "a.yaml", service("ns1", "one", ["10.0.0.1"]))
+    real_stat = os.stat
+
+    def stat_after_a_rename(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+        if str(path).startswith(f"{directory}/") and directory.exists():
+            directory.rename(tmp_path / "elsewhere")
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", stat_after_a_rename)
+    assert manifests.scan(str(directory)) is None
 
 
 @pytest.mark.parametrize(
@@ -287,6 +308,32 @@ async def test_servfail_and_not_ready_until_the_first_sync(
         await wait_for(lambda: kubernetes.index.synced)
         async with session.get(url) as response:
             assert response.status == 200
+    assert await addresses(running, f"a.{T}") == ["10.0.0.1"]
+    assert (await running.udp(f"b.{T}", "A")).rcode() == dns.rcode.NXDOMAIN
+
+
+async def test_a_directory_not_readable_at_first_is_not_synced(
+    start_server: StartServer, tmp_path: Path, gate: asyncio.Event, captured: Capture
+) -> None:
+    """The directory existed at setup but is gone at the first read (a ConfigMap not
+    mounted yet): SERVFAIL and 503 until it can be read, not NXDOMAIN for everything."""
+    directory = tmp_path / "m"
+    directory.mkdir()
+    running = await start(start_server, directory, "startup_timeout 0", extra="ready 127.0.0.1:0")
+    kubernetes = plugin_of(running)
+    directory.rmdir()
+    gate.set()
+    await wait_for(lambda: any("cannot be read" in message for message in captured.messages))
+    assert not kubernetes.index.synced and not kubernetes.ready()
+    ready = running.server.config.blocks[0].find("ready")  # type: ignore[union-attr]
+    assert isinstance(ready, Ready) and ready.route is not None
+    url = f"http://127.0.0.1:{ready.route.port}/ready"
+    async with aiohttp.ClientSession() as session, session.get(url) as response:
+        assert response.status == 503
+    assert (await running.udp(f"a.{T}", "A")).rcode() == dns.rcode.SERVFAIL
+    directory.mkdir()
+    dump(directory / "a.yaml", service("testns", "a", ["10.0.0.1"], HTTP))
+    await wait_for(lambda: kubernetes.index.synced)
     assert await addresses(running, f"a.{T}") == ["10.0.0.1"]
     assert (await running.udp(f"b.{T}", "A")).rcode() == dns.rcode.NXDOMAIN
 
@@ -355,6 +402,37 @@ async def test_object_counts_and_programming_latency(start_server: StartServer, 
     )
     await plugin_of(running).stop()
     assert gauge.current() == {}  # type: ignore[union-attr]  # a stopped plugin reports nothing
+
+
+async def test_object_counts_of_several_blocks_add_up(start_server: StartServer, tmp_path: Path) -> None:
+    """Two server blocks, each with its own kubernetes (and index): the gauge is their sum;
+    after a reload, the new configuration's alone (the old one is not counted twice)."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    one.mkdir()
+    two.mkdir()
+    dump(one / "a.yaml", service("ns1", "a", ["10.0.0.1"]), service("ns1", "b", ["10.0.0.2"]))
+    dump(two / "a.yaml", service("ns2", "c", ["10.0.0.3"]))
+
+    def text(ttl: int) -> str:
+        return "".join(
+            f"{zone}:0 {{\n bind 127.0.0.1\n kubernetes {zone} {{\n  manifests {directory}\n  ttl {ttl}\n }}\n}}\n"
+            for zone, directory in (("one.local", one), ("two.local", two))
+        )
+
+    running = await start_server(text(5), registry=REGISTRY)
+    gauge = running.server.runtime.metrics["coredns_kubernetes_objects"]
+    assert gauge.current() == {("Namespace",): 2, ("Service",): 3, ("EndpointSlice",): 0, ("Pod",): 0}  # type: ignore[union-attr]
+    await running.reconfigure(text(6))
+    assert gauge.current()[("Service",)] == 3  # type: ignore[union-attr]
+    assert texts((await running.udp("c.ns2.svc.two.local.", "A")).answer) == ["c.ns2.svc.two.local. 6 A 10.0.0.3"]
+
+
+def test_manifests_with_api_settings_warns(tmp_path: Path, captured: Capture) -> None:
+    from resolver.config import load
+
+    text = f"cluster.local:0 {{\n kubernetes {{\n  endpoint https://10.0.0.1:6443\n  manifests {tmp_path}\n }}\n}}\n"
+    load(text, "Corefile", REGISTRY, default_port=0)
+    assert captured.messages == ["Corefile:2: kubernetes: manifests is set: endpoint, tls and kubeconfig are not used"]
 
 
 # -- the index on its own ---------------------------------------------------------------------------

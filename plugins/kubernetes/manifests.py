@@ -11,7 +11,14 @@ time, size or inode changes (an editor's rename, a ConfigMap update), or files c
 go, the changed files are parsed again (in a thread) and the whole set is applied to the
 index as one full list per kind, exactly as the API source relists, so the index's
 semantics are the same for both sources. A file that fails to parse is logged in one
-line and keeps contributing the objects of its last good version.
+line and keeps contributing the objects of its last good version. Applying the whole set
+runs on the event loop, in one go (answers never mix two versions): it costs about as
+much as a relist of the same objects from the API, which suits the directories this is
+for (a laptop, a demo, a few thousand objects), not a copy of a large cluster.
+
+The index counts as synced after the first pass that read the directory: until then
+(the directory missing, unreadable, or a ConfigMap not mounted yet), queries that
+would be NXDOMAIN get SERVFAIL and ``ready`` says 503, as before an API's first list.
 
 A namespace named by an object but with no Namespace document is created implicitly
 (in a cluster it could not be otherwise), so a directory of Services alone answers.
@@ -59,10 +66,13 @@ class ManifestsSource:
     async def run(self) -> None:
         while True:
             try:
-                await self.refresh()
+                filled = await self.refresh()
             except Exception:  # never let one bad pass end the source
                 log.exception("reading manifests from %s failed", self.directory)
-            if not self.index.synced:
+                filled = False
+            # Synced only once the directory was read: a directory that is gone, unreadable
+            # or not mounted yet must give SERVFAIL and 503 on /ready, not NXDOMAIN for all.
+            if filled and not self.index.synced:
                 self.index.mark_synced()
             await asyncio.sleep(self.interval)
 
@@ -142,6 +152,10 @@ def scan(directory: str) -> dict[str, Stamp] | None:
         if not os.path.isfile(entry.path):
             continue
         stamps[entry.path] = (status.st_mtime_ns, status.st_ctime_ns, status.st_size, status.st_ino)
+    # The directory may have gone while it was read (files then seem to vanish one by
+    # one): that is an unreadable directory, whose objects are kept, not an empty one.
+    if not os.path.isdir(directory):
+        return None
     return stamps
 
 

@@ -45,7 +45,7 @@ from resolver.reply import Reply
 from resolver.request import Request
 
 if TYPE_CHECKING:
-    from resolver.metrics import HistogramVec
+    from resolver.metrics import GaugeVec, HistogramVec
 
 log = plugin_logger("kubernetes")
 
@@ -73,6 +73,7 @@ class Kubernetes(Plugin):
         self.index = Index(settings, on_programming=self._observe_programming)
         self.answerer = Answerer(self)
         self._task: asyncio.Task[None] | None = None
+        self._counts: _ObjectCounts | None = None
         if block is not None:
             metrics = block.runtime.metrics
             self.programming = metrics.histogram(
@@ -99,7 +100,8 @@ class Kubernetes(Plugin):
     async def start(self) -> None:
         source = self._source()
         if self.block is not None:
-            self._objects.add_callback(self, self._object_counts)
+            self._counts = _ObjectCounts.of(self._objects)
+            self._counts.plugins.append(self)
         self._task = asyncio.create_task(self._run(source), name="kubernetes source")
         timeout = self.settings.startup_timeout
         try:
@@ -108,8 +110,9 @@ class Kubernetes(Plugin):
             log.warning("starting server with unsynced Kubernetes API (waited %gs)", timeout)
 
     async def stop(self) -> None:
-        if self.block is not None:
-            self._objects.remove_callback(self)
+        counts, self._counts = self._counts, None
+        if counts is not None:
+            counts.leave(self)
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
@@ -164,9 +167,6 @@ class Kubernetes(Plugin):
         if self.programming is not None:
             self.programming.observe((service_kind,), seconds)
 
-    def _object_counts(self) -> dict[tuple[str, ...], float]:
-        return {(kind,): float(count) for kind, count in self.index.counts().items()}
-
     # -- serving ----------------------------------------------------------------------------
 
     async def serve(self, req: Request, next: Handler) -> Reply | None:
@@ -199,6 +199,50 @@ class Kubernetes(Plugin):
         return [f"{namespaces.pop()}.svc.{suffix}", f"svc.{suffix}", zone, *self.search, ""]
 
 
+class _ObjectCounts:
+    """The ``coredns_kubernetes_objects`` values of every started kubernetes plugin that
+    shares a metrics registry, summed: each server block's plugin holds its own index
+    (one callback per plugin would have the last one hide the others). Across a reload,
+    only the newest configuration's plugins count: the old ones run on until their
+    queries are answered, and would count the same objects twice meanwhile."""
+
+    def __init__(self, gauge: GaugeVec) -> None:
+        self.gauge = gauge
+        self.plugins: list[Kubernetes] = []
+
+    @classmethod
+    def of(cls, gauge: GaugeVec) -> _ObjectCounts:
+        """The gauge's shared callback, registered on first use."""
+        for owner in gauge.callbacks:
+            if isinstance(owner, _ObjectCounts):
+                return owner
+        counts = cls(gauge)
+        gauge.add_callback(counts, counts)
+        return counts
+
+    def leave(self, plugin: Kubernetes) -> None:
+        if plugin in self.plugins:
+            self.plugins.remove(plugin)
+        if not self.plugins:
+            self.gauge.remove_callback(self)
+
+    def __call__(self) -> dict[tuple[str, ...], float]:
+        if not self.plugins:
+            return {}
+        newest = _config_of(self.plugins[-1])
+        total: dict[tuple[str, ...], float] = {}
+        for plugin in self.plugins:
+            if _config_of(plugin) is not newest:
+                continue
+            for kind, count in plugin.index.counts().items():
+                total[(kind,)] = total.get((kind,), 0.0) + count
+        return total
+
+
+def _config_of(plugin: Kubernetes) -> object:
+    return plugin.block.config if plugin.block is not None else None
+
+
 # -- Corefile parsing ---------------------------------------------------------------------------
 
 
@@ -221,6 +265,13 @@ def parse_settings(directive: Directive, block: ServerBlock) -> Settings:
         parser(option, settings, block)
     if settings.namespaces and settings.namespace_labels:
         raise directive.error("namespaces and namespace_labels cannot both be set")
+    if settings.manifests is not None and (settings.endpoint or settings.tls or settings.kubeconfig):
+        # Not an error: a Corefile may keep its cluster settings while run from files.
+        log.warning(
+            "%s:%d: kubernetes: manifests is set: endpoint, tls and kubeconfig are not used",
+            directive.file,
+            directive.line,
+        )
     return settings
 
 
