@@ -14,10 +14,10 @@ name the item is known by), and each query type makes its records from the items
 An empty item list is NODATA; ``None`` is a name error (NXDOMAIN, fallthrough, or
 SERVFAIL before the first sync). Both carry the zone's SOA in the authority section.
 Where CoreDNS's answer for a name depends on the query type (NXDOMAIN for TXT on an
-existing service or namespace, NODATA for SOA on any name below the apex, NXDOMAIN for A
-on ``dns-version`` or for A, TXT or MX on a reverse name that has a PTR), this module
-answers as for every other type: a name exists or it does not, whatever the type (a
-cache must never see the two disagree).
+existing namespace or on the zone, NODATA for SOA on any name below the apex, NXDOMAIN
+for A on ``dns-version`` and for any type but PTR on a reverse name that has a PTR),
+this module answers as for every other type: a name exists or it does not, whatever the
+type (a cache must never see the two disagree).
 """
 
 from __future__ import annotations
