@@ -251,10 +251,12 @@ class Prometheus(Plugin):
         if question.do:
             self.do_requests.inc(zone_labels)
         if reply is not None:
-            size = len(reply.wire)
+            data = reply.wire
+            size = len(data)
             response_size[self._response_slot[size] if size <= MAX_MESSAGE else -2] += 1.0
             response_size[-1] += size
-            outcome = (reply.rcode, reply.plugin)
+            # Reply.rcode of finished bytes is the header's (two calls fewer per query).
+            outcome = (data[3] & 0x0F if reply.parsed is None else reply.rcode, reply.plugin)
             labels = responses.get(outcome)
             if labels is None:
                 labels = responses[outcome] = (*zone_labels, rcode_name(outcome[0]), outcome[1])

@@ -51,6 +51,7 @@ DEFAULT_TCP_IDLE_TIMEOUT = 10.0  # seconds a TCP connection may sit with nothing
 DEFAULT_MAX_TCP_CONNECTIONS = 1024
 DEFAULT_SHUTDOWN_GRACE = 5.0  # seconds in-flight queries get to finish on shutdown
 MAX_TCP_PIPELINE = 256  # queries in flight per connection before we stop reading it
+UDP_RECEIVE_BUFFER = 1 << 20  # bytes asked for each listening UDP socket (see _bind_socket)
 
 
 class ListenError(Exception):
@@ -116,7 +117,7 @@ def fast_path(handler: Handler) -> FastPath | None:
             return None
         answer = getattr(plugin, "serve_at_once", None)
         if answer is not None:
-            return _compose(functools.partial(answer, next=rest), observers[::-1])
+            return _compose(answer, rest, observers[::-1])
         observe = getattr(plugin, "observe", None)
         if observe is None:
             return None
@@ -125,14 +126,31 @@ def fast_path(handler: Handler) -> FastPath | None:
     return None
 
 
-def _compose(answer: FastPath, observers: list[Callable[[Request, Reply, float], None]]) -> FastPath:
-    """``answer``, then each observer, innermost first, as the chain unwinds."""
+def _compose(
+    answer: Callable[[Request, Handler], Reply | None],
+    rest: Handler,
+    observers: list[Callable[[Request, Reply, float], None]],
+) -> FastPath:
+    """``answer``, then each observer, innermost first, as the chain unwinds. Closures,
+    not ``functools.partial(..., next=rest)``: a keyword bound by partial costs a dict
+    per call."""
     if not observers:
-        return answer
+        return lambda req: answer(req, rest)
+    if len(observers) == 1:
+        (only,) = observers
+
+        def fast_one(req: Request) -> Reply | None:
+            started = perf_counter()
+            reply = answer(req, rest)
+            if reply is not None:
+                only(req, reply, perf_counter() - started)
+            return reply
+
+        return fast_one
 
     def fast(req: Request) -> Reply | None:
         started = perf_counter()
-        reply = answer(req)
+        reply = answer(req, rest)
         if reply is not None:
             elapsed = perf_counter() - started
             for observe in observers:
@@ -678,6 +696,11 @@ def _bind_socket(
         sock.bind((host, port))
         if kind == socket.SOCK_STREAM:
             sock.listen(1024)
+        else:
+            # The default (~200 KiB) holds only a few hundred small datagrams: a burst
+            # larger than that while the loop is busy is dropped by the kernel. The kernel
+            # caps this at net.core.rmem_max.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, UDP_RECEIVE_BUFFER)
         sock.setblocking(False)
     except BaseException:
         sock.close()
