@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import platform
 import signal
@@ -148,6 +149,7 @@ def _supervise(config: Config, text: str, file: str, args: argparse.Namespace, r
             return 1
         return _run(lambda: serve(config, args, registry, worker=(ports, ready)))
 
+    _freeze_heap()  # before forking: the workers' collections then leave the shared pages alone
     supervisor = Supervisor(args.workers, worker)
     if not supervisor.start():
         return supervisor.status
@@ -204,6 +206,7 @@ async def serve(
     except (ListenError, CorefileError, EndpointError, OSError) as exc:
         print(f"{config.file}: {exc}" if isinstance(exc, ListenError) else str(exc), file=sys.stderr)
         return 1
+    _freeze_heap()
     if pidfile:  # before the banner: whoever waits for the banner may read it next
         try:
             Path(pidfile).write_text(f"{os.getpid()}\n")
@@ -292,7 +295,26 @@ async def reload(server: Server, args: argparse.Namespace, registry: Registry) -
         log.error("reload failed, keeping the running configuration: %r", exc, exc_info=exc)
         return False
     log.info("Reloading complete")
+    # The replaced configuration may hold reference cycles among frozen objects: once it
+    # is retired, let the collector see everything again, then freeze what is left.
+    if server.retiring:
+        await asyncio.wait(set(server.retiring))
+    gc.unfreeze()
+    _freeze_heap()
     return True
+
+
+def _freeze_heap() -> None:
+    """Collect, then move every object alive into the collector's permanent generation.
+
+    What startup builds (modules, plugins, the configuration: tens of thousands of
+    objects) lives for the whole run. Left in the oldest generation, every full
+    collection walks it again: about 5 ms each time with the bench configuration, and a
+    stream of cache misses triggers a full collection every few thousand queries. Frozen,
+    a full collection walks only what changed since (the cache's entries).
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def _zero_ports(config: Config) -> set[int]:
