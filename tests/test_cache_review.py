@@ -94,12 +94,30 @@ async def test_names_that_were_client_specific_are_forgotten_once_empty() -> Non
         await chain.ask(f"n{index}.example.org", "A", client="10.0.0.9")
     # Within their window the names stay marked (even when evicted); once it has ended,
     # the empty marks are swept as new names come: the table does not grow for good.
-    chain.clock.advance(chain.cache._lifetime() + 1)
+    chain.clock.advance(3600 + 1)  # past the longest TTL the cache keeps
     for index in range(3000, 9000):
         await chain.ask(f"n{index}.example.org", "A", client="10.0.0.9")
     store = chain.cache.store
     # Left: the 6000 new names, and at most the old ones still holding entries when swept.
     assert len(store.dependent) <= 6000 + store.capacity[0]
+
+
+async def test_a_name_is_dependent_only_while_its_client_specific_answer_lives() -> None:
+    # An autopath answer lives 5 s; its name must not stay private for the cache's longest
+    # TTL (an hour), or random names from one pod pile up in the table for that long.
+    chain = Chain("cache")
+    chain.upstream.answer_with = lambda req: build(req, ttl=5, client_specific=True)
+    await chain.ask("walked.example.org", "A", client="10.0.0.9")
+    store = chain.cache.store
+    assert b"\x06walked\x07example\x03org\x00" in store.dependent
+    chain.clock.advance(6)
+    chain.upstream.answer_with = lambda req: build(req, ttl=300)
+    await chain.ask("walked.example.org", "A", client="10.0.0.1")
+    # The window ended with the answer: the name is shared again, so a second client hits.
+    assert b"\x06walked\x07example\x03org\x00" not in store.dependent
+    asked = chain.asked("walked.example.org")
+    await chain.ask("walked.example.org", "A", client="10.0.0.2")
+    assert chain.asked("walked.example.org") == asked
 
 
 async def test_a_reply_shorter_than_a_header_never_breaks_a_refresh() -> None:

@@ -269,7 +269,9 @@ class Cache(Plugin):
         name = qkey[:-4]
         query = req.wire
         end = req.question.end
-        client = self.store.target(name, req.remote_ip, reply.client_specific, now, self._lifetime())
+        # A client-specific answer makes the name dependent at once (its shared entries go),
+        # even when it is not stored; the window grows to the entry's own life below.
+        client = self.store.target(name, req.remote_ip, reply.client_specific, now, MIN_TTL + self.stale)
         analysis = self._analyze(data, query, end, req.server)
         if analysis is None:
             return reply, None
@@ -301,6 +303,8 @@ class Cache(Plugin):
             self.evictions.inc(labels[1 + victim.kind])
         if align:
             self.store.align(entry, now)
+        if reply.client_specific:
+            self.store.hold(name, now + entry.lifetime + self.stale)
         self._retime(entry, now)
         self._servers[req.server] = None
         head = entry.heads[(query[2] & 1) | (query[3] & _AD) >> 4]
@@ -343,12 +347,6 @@ class Cache(Plugin):
     def _disabled(self, name: bytes, kind: int) -> bool:
         zones = self.success_disabled if kind == SUCCESS else self.denial_disabled
         return zones is not None and in_zones(name, zones)
-
-    def _lifetime(self) -> int:
-        """How long a client-specific answer keeps its name dependent: as long as any
-        answer for it may be served, expired ones included."""
-        config = self.config
-        return max(config.success_ttl, config.denial_ttl, MIN_TTL) + self.stale
 
     def _heads_of(self, data: bytes, do: bool) -> tuple[bytes, bytes, bytes, bytes]:
         """Header bytes 2..12 for each (RD, AD) of the asking client: RD is copied from the

@@ -179,6 +179,16 @@ class Store:
             dependent.until = max(dependent.until, now + lifetime)
         return client if dependent is not None else None
 
+    def hold(self, name: bytes, until: int) -> None:
+        """Keep ``name`` dependent until at least ``until``: as long as the client-specific
+        entry just stored may be served (stale included). Only that long: a window as long
+        as the longest TTL the cache allows let random names from one client pile up
+        (each costs a table slot) for an hour; once the window lapses the private groups
+        are dropped whole, so a shorter window never mixes shared and private answers."""
+        dependent = self.dependent.get(name)
+        if dependent is not None and dependent.until < until:
+            dependent.until = until
+
     def _sweep_dependent(self, now: int) -> None:
         """Forget names whose dependent window ended and that hold no entries; sweep again
         only once the table has doubled, so the cost per new name stays constant."""
