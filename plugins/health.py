@@ -18,20 +18,21 @@ Metrics, without a ``server`` label because they describe the process (CoreDNS's
 once a second the process fetches its own /health and observes how long that took in
 ``coredns_health_request_duration_seconds``; a fetch that fails (no connection, no
 answer within 3s) counts in ``coredns_health_request_failures_total``. A slow self-check
-means the event loop is falling behind its query load.
+means the event loop is falling behind its query load. The check is a plain GET over a
+fresh loopback connection (no HTTP client library: the process imports none), and runs
+only in the process that serves the address: with ``-workers``, worker 0.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-
-import aiohttp
-from aiohttp import web
+from urllib.parse import urlsplit
 
 from resolver.config import ServerBlock
 from resolver.corefile import Directive
 from resolver.endpoints import Route, check_address, split_address
+from resolver.httpserver import HTTPRequest, Response
 from resolver.logs import plugin_logger
 from resolver.metrics import CounterVec, HistogramVec
 from resolver.plugin import Plugin, expect_args, format_duration, parse_duration, raise_unknown_option
@@ -45,6 +46,7 @@ PATH = "/health"
 PROBE_INTERVAL = 1.0  # seconds between self-checks, as in CoreDNS
 PROBE_TIMEOUT = 3.0
 SLOW_PROBE = 1.0  # a *local* request slower than this is worth a warning
+MAX_PROBE_ANSWER = 4096  # /health answers a few bytes; more is not our endpoint
 # CoreDNS's plugin.SlimTimeBuckets: 0.25ms to 2.5s, times ten each step.
 SLIM_BUCKETS: tuple[float, ...] = (0.00025, 0.0025, 0.025, 0.25, 2.5)
 
@@ -88,6 +90,11 @@ class Health(Plugin):
 
     async def start(self) -> None:
         self.route = route = await self.http.add(self.address, PATH, self.handle, DEFAULT_PORT)
+        if not self.http.serves(route):
+            # A worker after the first of -workers: worker 0 serves (and checks) the address,
+            # whose port this process may not even know (``:0``), and only worker 0's
+            # metrics are scraped.
+            return
         prober = self.probers.get(route.address)
         if prober is None:
             prober = self.probers[route.address] = Prober(
@@ -120,10 +127,10 @@ class Health(Plugin):
             log.info("Going into lameduck mode for %s", format_duration(self.lameduck))
             await asyncio.sleep(self.lameduck)
 
-    async def handle(self, request: web.BaseRequest) -> web.Response:
+    async def handle(self, request: HTTPRequest) -> Response:
         if self.draining:
-            return web.Response(status=503)
-        return web.Response(text="OK")
+            return Response(503)
+        return Response.text("OK")
 
 
 class Prober:
@@ -138,23 +145,21 @@ class Prober:
         self.task = asyncio.get_running_loop().create_task(self._run())
 
     async def _run(self) -> None:
-        # trust_env=False (the default) keeps HTTP(S)_PROXY out of a request to ourselves.
-        timeout = aiohttp.ClientTimeout(total=PROBE_TIMEOUT)
-        async with aiohttp.ClientSession(timeout=timeout) as session:
-            while True:
-                await asyncio.sleep(self.interval)
-                await self.probe(session)
+        while True:
+            await asyncio.sleep(self.interval)
+            await self.probe()
 
-    async def probe(self, session: aiohttp.ClientSession) -> None:
+    async def probe(self) -> None:
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
-            async with session.get(self.url) as response:
-                await response.read()
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            self.duration.observe((), loop.time() - started)
-            self.failures.inc(())
-            log.warning('Local health request to "%s" failed: %s', self.url, str(exc) or type(exc).__name__)
+            async with asyncio.timeout(PROBE_TIMEOUT):
+                await fetch(self.url)
+        except (OSError, ValueError, EOFError) as exc:
+            self._failed(loop.time() - started, str(exc) or type(exc).__name__)
+            return
+        except TimeoutError:
+            self._failed(loop.time() - started, f"no answer within {format_duration(PROBE_TIMEOUT)}")
             return
         # A 503 during lameduck is the endpoint working as meant, not a failed check.
         elapsed = loop.time() - started
@@ -162,10 +167,44 @@ class Prober:
         if elapsed > SLOW_PROBE:
             log.warning('Local health request to "%s" took more than 1s: %s', self.url, format_duration(elapsed))
 
+    def _failed(self, elapsed: float, why: str) -> None:
+        self.duration.observe((), elapsed)
+        self.failures.inc(())
+        log.warning('Local health request to "%s" failed: %s', self.url, why)
+
     async def close(self) -> None:
         self.task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self.task
+
+
+async def fetch(url: str) -> int:
+    """GET ``url`` (``http://HOST:PORT/PATH``) on a new connection; its status code.
+
+    Raises OSError when the connection fails, ValueError when what comes back is not an
+    HTTP answer, EOFError when it is cut short.
+    """
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(f"GET {parts.path or '/'} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n".encode())
+        await writer.drain()
+        answer = b""
+        while len(answer) < MAX_PROBE_ANSWER:  # to the end (we asked to close), as a client reads
+            chunk = await reader.read(MAX_PROBE_ANSWER - len(answer))
+            if not chunk:
+                break
+            answer += chunk
+    finally:
+        writer.close()
+    if not answer:
+        raise EOFError("connection closed without an answer")
+    status_line = answer.partition(b"\r\n")[0].split(b" ")
+    if len(status_line) < 2 or not status_line[0].startswith(b"HTTP/1.") or not status_line[1].isdigit():
+        raise ValueError("not an HTTP answer")
+    return int(status_line[1])
 
 
 def probe_url(address: str, port: int) -> str:

@@ -36,7 +36,7 @@ import functools
 import platform
 from bisect import bisect_left
 from time import perf_counter
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from dnslib import DNSError
 
@@ -46,15 +46,13 @@ from resolver.config import ServerBlock
 from resolver.corefile import Directive
 from resolver.dnsnames import rcode_label as rcode_name
 from resolver.endpoints import Route, check_address
+from resolver.httpserver import HTTPRequest, Response
 from resolver.metrics import DURATION_BUCKETS, SIZE_BUCKETS, HistogramVec, Labels
 from resolver.plugin import Handler, Plugin, expect_args, raise_unknown_option
 from resolver.reply import Reply
 from resolver.request import Request
 from resolver.runtime import Runtime
 from resolver.server import server_label
-
-if TYPE_CHECKING:
-    from aiohttp import web
 
 DEFAULT_ADDRESS = "localhost:9153"
 DEFAULT_PORT = 9153
@@ -293,15 +291,15 @@ class Prometheus(Plugin):
 
     # -- scrape ------------------------------------------------------------------------
 
-    async def _scrape(self, request: web.BaseRequest) -> web.Response:
+    async def _scrape(self, request: HTTPRequest) -> Response:
         # Rendered on the event loop, not in a thread: gauge callbacks of other plugins
         # read structures the loop mutates, and a scrape every few seconds costs little.
-        from aiohttp import web
+        # (HEAD renders too: its Content-Length must be the body's.)
         from prometheus_client import generate_latest
 
         self.sync_process_counters()
         body = self.runtime.metrics.render() + generate_latest(self._process_registry())
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+        return Response(200, body, CONTENT_TYPE)
 
     def _process_registry(self) -> Any:
         """process_* and python_* are computed on scrape from /proc and the interpreter; a

@@ -22,11 +22,10 @@ configuration's plugins are the ones asked, from scratch.
 
 from __future__ import annotations
 
-from aiohttp import web
-
 from resolver.config import ServerBlock
 from resolver.corefile import Directive
 from resolver.endpoints import Route, check_address, split_address
+from resolver.httpserver import HTTPRequest, Response
 from resolver.logs import plugin_logger
 from resolver.plugin import Plugin, expect_args, raise_unknown_option
 
@@ -130,16 +129,16 @@ class Ready(Plugin):
         if self.board is not None:
             self.board.shutting_down = True
 
-    async def handle(self, request: web.BaseRequest) -> web.Response:
+    async def handle(self, request: HTTPRequest) -> Response:
         board = self.board
         if board is None or board.shutting_down:
-            return web.Response(status=503, text="Shutting down")
+            return Response.text("Shutting down", 503)
         names = board.not_ready()
         if not names:
-            return web.Response(text="OK")
+            return Response.text("OK")
         listed = ",".join(names)
         log.info('Plugins not ready: "%s"', listed)
-        return web.Response(status=503, text=listed)
+        return Response.text(listed, 503)
 
 
 def _ready_plugins(block: ServerBlock) -> list[Ready]:

@@ -6,22 +6,21 @@ socket. Routes are added and removed while the server runs, so a reload can hand
 address from the old configuration to the new one without the port ever closing: the
 new plugin adds its route before the old one removes its own.
 
-aiohttp is imported only when an endpoint is first opened, so a Corefile without HTTP
-plugins does not pay its import time at startup.
+The HTTP itself is resolver.httpserver's: a small asyncio server for GET and HEAD, so
+these endpoints cost the process no web framework.
 """
 
 from __future__ import annotations
 
-import logging
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 from resolver.corefile import Directive, port_number
-from resolver.logs import quiet_http_errors
+from resolver.httpserver import HTTPRequest, HTTPServer, Limits, Response
 
-Handler = Callable[[Any], Awaitable[Any]]  # aiohttp.web.Request -> aiohttp.web.Response
+Handler = Callable[[HTTPRequest], Awaitable[Response]]
+NOT_FOUND = "404 page not found\n"  # Go's text, as CoreDNS answers an unknown path
 
 
 def check_address(text: str, directive: Directive) -> str:
@@ -57,15 +56,21 @@ class Route:
 
 @dataclass(eq=False)
 class _Site:
-    runner: Any
     port: int
     routes: dict[str, list[Route]] = field(default_factory=dict)
+    server: HTTPServer = field(init=False)
+
+    async def dispatch(self, request: HTTPRequest) -> Response:
+        routes = self.routes.get(request.path)
+        if not routes:
+            return Response.text(NOT_FOUND, 404)
+        return await routes[-1].handler(request)  # the newest configuration answers
 
 
 def split_address(address: str, default_port: int) -> tuple[str | None, int]:
     """``:8080``, ``localhost:9153``, ``[::1]:8181`` or a bare host -> (host, port).
 
-    An empty host means every address (None for aiohttp).
+    An empty host means every address (None).
     """
     host, port = address, ""
     if address.startswith("["):
@@ -82,10 +87,11 @@ def split_address(address: str, default_port: int) -> tuple[str | None, int]:
 
 
 class HTTPEndpoints:
-    """One aiohttp server per address; routes come and go at runtime."""
+    """One HTTP server per address; routes come and go at runtime."""
 
-    def __init__(self) -> None:
+    def __init__(self, limits: Limits | None = None) -> None:
         self._sites: dict[str, _Site] = {}
+        self.limits = limits
 
     async def add(self, address: str, path: str, handler: Handler, default_port: int) -> Route:
         host, port = split_address(address, default_port)
@@ -116,37 +122,33 @@ class HTTPEndpoints:
             site.routes.pop(route.path, None)
         if not site.routes:
             del self._sites[route.address]
-            await site.runner.cleanup()
+            await site.server.close()
+
+    def serves(self, route: Route) -> bool:
+        """Whether this process answers ``route`` (a worker after the first of
+        ``-workers`` accepts routes and serves none of them)."""
+        site = self._sites.get(route.address)
+        return site is not None and route in site.routes.get(route.path, ())
 
     async def close(self) -> None:
-        for site in list(self._sites.values()):
-            await site.runner.cleanup()
+        sites = list(self._sites.values())
         self._sites.clear()
+        for site in sites:
+            await site.server.close()
 
     async def _open(self, family: socket.AddressFamily, bind_host: str, port: int, address: str) -> _Site:
-        from aiohttp import web
-
-        quiet_http_errors(logging.getLogger("aiohttp.server"))
-
-        site_state: dict[str, _Site] = {}
-
-        async def dispatch(request: web.BaseRequest) -> web.StreamResponse:
-            routes = site_state["site"].routes.get(request.path)
-            if not routes:
-                return web.Response(status=404, text="404 page not found\n")
-            return await routes[-1].handler(request)  # the newest configuration answers
-
-        runner = web.ServerRunner(web.Server(dispatch, access_log=None), handle_signals=False)
-        await runner.setup()
         try:
             sock = _bind(family, bind_host, port)
         except OSError as exc:
-            await runner.cleanup()
             raise EndpointError(f"cannot listen on {address}: {exc.strerror or exc}") from None
-        tcp_site = web.SockSite(runner, sock)
-        await tcp_site.start()
-        site = _Site(runner, sock.getsockname()[1])
-        site_state["site"] = site
+        site = _Site(sock.getsockname()[1])
+        name = f"[{bind_host}]" if ":" in bind_host else "" if bind_host == WILDCARD else bind_host
+        site.server = HTTPServer(site.dispatch, f"{name}:{site.port}", self.limits)
+        try:
+            await site.server.start(sock)
+        except OSError as exc:
+            sock.close()
+            raise EndpointError(f"cannot listen on {address}: {exc.strerror or exc}") from None
         return site
 
 

@@ -30,32 +30,12 @@ def configure(level: int = logging.INFO) -> None:
     """Send the server's and the plugins' log lines to stdout in CoreDNS's format."""
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(_CoreDNSFormatter())
+    # aiohttp is only the kubernetes plugin's API client now; its warnings keep our format.
     for name in (_ROOT, "plugin", "aiohttp"):
         logger = logging.getLogger(name)
         logger.handlers[:] = [handler]
         logger.setLevel(level if name != "aiohttp" else logging.WARNING)
         logger.propagate = False
-
-
-class _OneLine(logging.Filter):
-    """aiohttp logs a full traceback for every malformed HTTP request (a 20 kB URL, say):
-    anyone who reaches /health could flood the log. Keep one line per bad request."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and record.exc_info[1] is not None:
-            error = record.exc_info[1]
-            text = " ".join(str(error).split())[:200]  # its own text may span lines
-            record.msg = f"bad HTTP request: {type(error).__name__}: {text}"
-            record.args = ()
-            record.exc_info = None
-            record.levelno, record.levelname = logging.WARNING, "WARNING"
-        return True
-
-
-def quiet_http_errors(logger: logging.Logger) -> None:
-    """Make ``logger`` (aiohttp's) write one CoreDNS-style warning line per bad request."""
-    if not any(isinstance(existing, _OneLine) for existing in logger.filters):
-        logger.addFilter(_OneLine())
 
 
 def core_logger() -> logging.Logger:

@@ -10,11 +10,14 @@ import aiohttp
 import dns.rcode
 import pytest
 
-from plugins.health import Health, Prober
+from plugins.health import Health, Prober, fetch
 from resolver.config import load
 from resolver.corefile import CorefileError
 from resolver.plugin import Registry
 from resolver.plugin import format_duration as go_duration
+from resolver.runtime import Runtime
+from resolver.server import Server
+from resolver.workers import NoHTTPEndpoints
 from tests.conftest import StartServer
 from tests.helpers import LOOPBACK, Running, wait_for
 
@@ -127,6 +130,58 @@ async def test_a_failed_self_check_is_counted_and_logged(
     await wait_for(lambda: failures.get(()) >= 1)
     assert running.server.runtime.metrics["coredns_health_request_duration_seconds"].count(()) >= 1
     assert any(f'Local health request to "{prober.url}" failed' in message for message in caplog.messages)
+
+
+async def test_an_answer_that_is_not_http_is_a_failed_self_check(
+    start_server: StartServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def babble(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")  # read first, or closing would reset the connection
+        writer.write(b"SSH-2.0-OpenSSH\r\n")
+        writer.close()
+
+    impostor = await asyncio.start_server(babble, LOOPBACK, 0)
+    try:
+        running = await start_server(SIMPLE, registry=REGISTRY)
+        (prober,) = probers(running).values()
+        prober.url = f"http://{LOOPBACK}:{impostor.sockets[0].getsockname()[1]}/health"
+        failures = running.server.runtime.metrics["coredns_health_request_failures_total"]
+        await wait_for(lambda: failures.get(()) >= 1)
+        assert f'Local health request to "{prober.url}" failed: not an HTTP answer' in caplog.messages
+    finally:
+        impostor.close()
+
+
+async def test_the_self_check_client_reads_the_status(start_server: StartServer) -> None:
+    running = await start_server(SIMPLE, registry=REGISTRY)
+    plugin = health_of(running)
+    assert await fetch(url_of(plugin)) == 200
+    plugin.draining = True
+    assert await fetch(url_of(plugin)) == 503
+
+
+async def test_head_answers_like_get_without_a_body(start_server: StartServer) -> None:
+    running = await start_server(SIMPLE, registry=REGISTRY)
+    async with aiohttp.ClientSession() as session, session.head(url_of(health_of(running))) as response:
+        assert (response.status, response.headers["Content-Length"]) == (200, "2")
+        assert await response.read() == b""
+
+
+async def test_a_worker_that_serves_no_http_runs_no_self_check() -> None:
+    """Workers after the first of -workers serve no HTTP: with ``health :0`` they do not
+    even know worker 0's port, and probing port 0 failed (and warned) every second."""
+    runtime = Runtime()
+    runtime.http = NoHTTPEndpoints()
+    config = load(SIMPLE, "Corefile", REGISTRY, default_port=0, runtime=runtime)
+    server = Server(runtime)
+    await server.apply(config)
+    try:
+        running = Running(server, REGISTRY)
+        assert health_of(running).route is not None
+        assert probers(running) == {}
+        assert (await running.udp("example.org")).rcode() == dns.rcode.NOERROR
+    finally:
+        await server.shutdown()
 
 
 async def test_blocks_sharing_an_address_share_one_server_and_one_self_check(start_server: StartServer) -> None:

@@ -301,6 +301,16 @@ async def test_build_info_process_metrics_and_content_type(start_server: StartSe
     assert (result.value("process_resident_memory_bytes") or 0) > 0
 
 
+async def test_head_has_the_scrapes_headers_and_no_body(start_server: StartServer) -> None:
+    running = await start_server(ERRATIC, registry=REGISTRY)
+    url = f"http://{LOOPBACK}:{plugin_of(running).port}/metrics"
+    async with aiohttp.ClientSession() as session, session.head(url) as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
+        assert int(response.headers["Content-Length"]) > 1000  # the length the GET would have
+        assert await response.read() == b""
+
+
 async def test_two_blocks_on_one_address_share_one_http_server(start_server: StartServer) -> None:
     corefile = """
 example.org {

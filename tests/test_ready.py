@@ -210,6 +210,17 @@ async def test_says_shutting_down_during_the_lameduck(start_server: StartServer)
     await asyncio.wait_for(shutdown, timeout=10)
 
 
+async def test_head_answers_and_other_paths_are_404(start_server: StartServer) -> None:
+    running = await start_server(single("notready"), registry=REGISTRY)
+    url = ready_url(running)
+    async with aiohttp.ClientSession() as session:
+        async with session.head(url) as response:
+            assert (response.status, response.headers["Content-Length"]) == (503, str(len("notready")))
+            assert await response.read() == b""
+        async with session.get(url.replace("/ready", "/health")) as response:
+            assert (response.status, await response.text()) == (404, "404 page not found\n")
+
+
 def test_default_address_is_8181() -> None:
     config = load(". {\n ready\n whoami\n}\n", "Corefile", REGISTRY, default_port=0)
     found = config.blocks[0].find("ready")
