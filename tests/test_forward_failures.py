@@ -11,7 +11,7 @@ import dns.flags
 import dns.rcode
 import pytest
 
-import plugins.forward.upstream as upstream_module
+import plugins.forward.udp as udp_module
 from resolver.config import load
 from resolver.corefile import CorefileError
 from resolver.plugin import Registry
@@ -75,13 +75,13 @@ async def test_running_out_of_sockets_is_an_upstream_error_not_a_panic(
     running = await serve(start_server, f"forward . {upstream.target} {{\n  {FAST}\n }}")
 
     class NoSockets:
-        AF_INET, AF_INET6, SOCK_DGRAM = upstream_module.socket.AF_INET, upstream_module.socket.AF_INET6, 2
+        AF_INET, AF_INET6, SOCK_DGRAM = udp_module.socket.AF_INET, udp_module.socket.AF_INET6, 2
 
         @staticmethod
         def socket(*_args: object) -> None:
             raise OSError(errno.EMFILE, "Too many open files")
 
-    monkeypatch.setattr(upstream_module, "socket", NoSockets)
+    monkeypatch.setattr(udp_module, "socket", NoSockets)
     assert (await running.udp("fd.example.")).rcode() == dns.rcode.SERVFAIL
     assert running.server.stats.panics == 0
 

@@ -88,6 +88,9 @@ class Forward(Plugin):
         #: Is there a forward after this one in the block? (``next`` only hands over to one.)
         self.next_is_forward = False
         self.janitor: asyncio.Task[None] | None = None
+        #: The loop this plugin serves on, kept from ``start``: ``asyncio.get_running_loop()``
+        #: makes a ``getpid`` system call on Python 3.11, about a microsecond per call.
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     @classmethod
     def setup(cls, directive: Directive, block: ServerBlock) -> Forward:
@@ -99,7 +102,10 @@ class Forward(Plugin):
         self.next_is_forward = forwards.index(self) < len(forwards) - 1
 
     async def start(self) -> None:
-        self.janitor = asyncio.get_running_loop().create_task(self._sweep())
+        loop = self.loop = asyncio.get_running_loop()
+        for upstream in self.upstreams:
+            upstream.use_loop(loop)
+        self.janitor = loop.create_task(self._sweep())
 
     async def stop(self) -> None:
         if self.janitor is not None:
@@ -108,29 +114,76 @@ class Forward(Plugin):
             upstream.stop()
 
     async def _sweep(self) -> None:
-        """Close pooled connections idle past ``expire`` (CoreDNS's connection manager)."""
+        """Close pooled connections idle past ``expire`` (CoreDNS's connection manager)
+        and UDP sockets past their age."""
         interval = min(max(self.options.expire, 0.1), 10.0)
+        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(interval)
             for upstream in self.upstreams:
-                upstream.sweep()
+                upstream.sweep(loop.time())
 
     # -- serving -------------------------------------------------------------------------------
 
     async def serve(self, req: Request, next: Handler) -> Reply | None:
+        """CoreDNS's ServeDNS loop: try upstreams in policy order, skip the down ones,
+        stop at the attempt budget or the 5 s deadline. One coroutine for all of it: a
+        helper coroutine would cost its frame on every suspension and resumption."""
         if not self.everything and not self._matches(req.qname):
             return await next(req)
-        limit = self.options.max_concurrent
-        if not limit:
-            return await self._forward(req, next)
-        if self.concurrent >= limit:
-            self.metrics.rejects.inc()
-            return self.fail(req, wire.REFUSED, self.limit_error)
-        self.concurrent += 1
+        options = self.options
+        limit = options.max_concurrent
+        if limit:
+            if self.concurrent >= limit:
+                self.metrics.rejects.inc()
+                return self.fail(req, wire.REFUSED, self.limit_error)
+            self.concurrent += 1
         try:
-            return await self._forward(req, next)
+            loop = self.loop or asyncio.get_running_loop()
+            deadline = loop.time() + TOTAL_TIMEOUT
+            upstreams = self._order()
+            count = len(upstreams)
+            proto = "tcp" if options.force_tcp else "udp" if options.prefer_udp else req.transport
+            error: UpstreamError | None = None
+            index = down = attempts = failovers = 0
+            while loop.time() < deadline and (not self.max_attempts or attempts < self.max_attempts):
+                if index >= count:
+                    index = down = 0  # round again, from the first
+                upstream = upstreams[index]
+                index += 1
+                if upstream.down:
+                    down += 1
+                    if down < count:
+                        continue
+                    # Every upstream is down: assume the health checks are what is broken.
+                    self.metrics.broken.inc()
+                    if options.failfast:
+                        break
+                    upstream = random.choice(self.upstreams)
+                req.metadata["forward/upstream"] = upstream.to
+                try:
+                    reply = await upstream.exchange(req, proto, deadline)
+                except UpstreamError as exc:
+                    error = exc
+                    upstream.healthcheck()
+                    attempts += 1
+                    if down < count:
+                        continue
+                    break
+                rcode = reply[3] & 0x0F
+                if rcode in options.failover_rcodes:
+                    failovers += 1
+                    if failovers < count:
+                        continue
+                if self.next_is_forward and (
+                    rcode in options.next_rcodes or (options.next_on_nodata and rcode == 0 and reply[6:8] == b"\0\0")
+                ):
+                    return await next(req)
+                return self._reply(req, reply)
+            return self.fail(req, wire.SERVFAIL, str(error) if error is not None else NO_HEALTHY)
         finally:
-            self.concurrent -= 1
+            if limit:
+                self.concurrent -= 1
 
     def _matches(self, qname: str) -> bool:
         """Inside FROM, and not inside an ``except`` zone (FROM itself always is)."""
@@ -155,53 +208,6 @@ class Forward(Plugin):
             return upstreams if random.getrandbits(1) else [upstreams[1], upstreams[0]]
         return random.sample(upstreams, count)
 
-    async def _forward(self, req: Request, next: Handler) -> Reply | None:
-        """CoreDNS's ServeDNS loop: try upstreams in policy order, skip the down ones,
-        stop at the attempt budget or the 5 s deadline."""
-        options = self.options
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + TOTAL_TIMEOUT
-        upstreams = self._order()
-        count = len(upstreams)
-        proto = "tcp" if options.force_tcp else "udp" if options.prefer_udp else req.transport
-        error: UpstreamError | None = None
-        index = down = attempts = failovers = 0
-        while loop.time() < deadline and (not self.max_attempts or attempts < self.max_attempts):
-            if index >= count:
-                index = down = 0  # round again, from the first
-            upstream = upstreams[index]
-            index += 1
-            if upstream.down:
-                down += 1
-                if down < count:
-                    continue
-                # Every upstream is down: assume the health checks are what is broken.
-                self.metrics.broken.inc()
-                if options.failfast:
-                    break
-                upstream = random.choice(self.upstreams)
-            req.metadata["forward/upstream"] = upstream.to
-            try:
-                reply = await upstream.exchange(req, proto, deadline)
-            except UpstreamError as exc:
-                error = exc
-                upstream.healthcheck()
-                attempts += 1
-                if down < count:
-                    continue
-                break
-            rcode = reply[3] & 0x0F
-            if rcode in options.failover_rcodes:
-                failovers += 1
-                if failovers < count:
-                    continue
-            if self.next_is_forward and (
-                rcode in options.next_rcodes or (options.next_on_nodata and rcode == 0 and reply[6:8] == b"\0\0")
-            ):
-                return await next(req)
-            return self._reply(req, reply)
-        return self.fail(req, wire.SERVFAIL, str(error) if error is not None else NO_HEALTHY)
-
     def _reply(self, req: Request, reply: bytes) -> Reply:
         """The upstream's reply under the client's ID and with the client's question bytes
         (the same name up to case, so every later offset stays valid)."""
@@ -213,4 +219,6 @@ class Forward(Plugin):
                 plugin=self.name,
                 error=f"upstream answered {reply[3] & 0x0F} without a question",
             )
+        if reply[12:end] == query[12:end]:  # the usual case: the upstream kept the name's case
+            return Reply(wire=query[:2] + reply[2:], plugin=self.name)
         return Reply(wire=query[:2] + reply[2:12] + query[12:end] + reply[end:], plugin=self.name)

@@ -1,11 +1,12 @@
 """One upstream server: UDP exchanges, pooled TCP/TLS connections, and health checks.
 
-UDP: every query leaves from a new socket, so from a port the kernel picks at random,
-with a fresh random ID. The socket is connected to the upstream, so the kernel drops
-datagrams from any other address; of what arrives, only a response with our ID and our
-question (name compared case-insensitively, type, class) is taken. Anything else is
-counted and ignored, and the wait goes on: a blind spoofer must guess port and ID within
-the read timeout, and a reply that merely arrives first is not trusted.
+UDP (``udp.Datagrams``): every query gets a fresh random ID and a connected socket of its
+own for the time of the exchange, from a pool whose sockets are recycled after a few uses
+or seconds, so that the source port keeps changing. The kernel drops datagrams from any
+other address; of what arrives, only a response with our ID and our question (name
+compared case-insensitively, type, class) is taken. Anything else is counted and ignored,
+and the wait goes on: a blind spoofer must guess port and ID within the read timeout, and
+a reply that merely arrives first is not trusted.
 
 TCP and TLS: connections are kept per upstream in a small pool and reused while they are
 younger (in idle time) than ``expire``; queries are pipelined on them and replies matched
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import socket
 import ssl
 import time
@@ -34,7 +34,9 @@ from resolver.logs import plugin_logger
 from resolver.metrics import CounterVec, HistogramVec, Metrics
 from resolver.request import Request
 
+from .matching import UpstreamError, hostport, mismatch, new_id, reason
 from .options import Options, Target
+from .udp import Datagrams
 
 log = plugin_logger("forward")
 
@@ -44,11 +46,6 @@ MAX_CONNECTIONS = 8  # per upstream and protocol; past this, queries share the l
 HEALTH_CHECK_TIMEOUT = 1.0  # CoreDNS's health-check read timeout
 MAX_ABANDONED = 1024
 _TC = 0x02  # in the third header byte
-_QR = 0x80
-
-
-class UpstreamError(Exception):
-    """An attempt failed; the text reads like CoreDNS's (Go's) error, for the errors plugin."""
 
 
 class PeerClosed(UpstreamError):
@@ -115,74 +112,6 @@ class ForwardMetrics:
         )
 
 
-_QUESTIONLESS_RCODES = frozenset((1, 2, 4, 5))
-
-
-def mismatch(reply: bytes, query: bytes, qend: int) -> str | None:
-    """Why ``reply`` is not the answer to ``query`` (None when it is).
-
-    The question must be ours: same name ignoring ASCII case, same type and class. Only
-    the name is lower-cased: QTYPE 65 is the byte 0x41, an "A".
-    """
-    if len(reply) < 12 or not reply[2] & _QR:
-        return "malformed"
-    if reply[0] != query[0] or reply[1] != query[1]:
-        return "id"
-    if reply[4:6] == b"\x00\x00" and reply[3] & 0x0F in _QUESTIONLESS_RCODES:
-        return None  # FORMERR/NOTIMP/SERVFAIL/REFUSED may come without a question (RFC 6891 7)
-    if len(reply) < qend:
-        return "malformed"
-    name_end = qend - 4
-    if (
-        reply[4:6] != b"\x00\x01"
-        or reply[name_end:qend] != query[name_end:qend]
-        or reply[12:name_end].lower() != query[12:name_end].lower()
-    ):
-        return "question"
-    return None
-
-
-def _time_out(future: asyncio.Future[Any]) -> None:
-    if not future.done():
-        future.set_exception(TimeoutError())
-
-
-def _reason(exc: BaseException) -> str:
-    """An OS error as Go words it (``connection refused``), for error lines."""
-    if isinstance(exc, TimeoutError):
-        return "i/o timeout"
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror.lower()
-    return str(exc) or type(exc).__name__
-
-
-_random_bytes = b""
-_random_offset = 0
-
-
-def new_id() -> bytes:
-    """A random 16-bit message ID from the OS's CSPRNG (read 4 KiB at a time: one
-    ``getrandom`` call per query costs a microsecond)."""
-    global _random_bytes, _random_offset
-    if _random_offset >= len(_random_bytes):
-        _random_bytes, _random_offset = os.urandom(4096), 0
-    _random_offset += 2
-    return _random_bytes[_random_offset - 2 : _random_offset]
-
-
-def _local(sock: socket.socket) -> str:
-    """The socket's own address for an error line (looked up only when there is one)."""
-    try:
-        return _hostport(sock.getsockname())
-    except OSError:
-        return "?"
-
-
-def _hostport(address: Any) -> str:
-    host, port = address[0], address[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 class StreamConnection(asyncio.Protocol):
     """One TCP or TLS connection to an upstream, with queries pipelined on it."""
 
@@ -203,7 +132,7 @@ class StreamConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
         sockname = transport.get_extra_info("sockname")
         if sockname:
-            self.local = _hostport(sockname)
+            self.local = hostport(sockname)
 
     def data_received(self, data: bytes) -> None:
         buffer = self.buffer
@@ -244,7 +173,7 @@ class StreamConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.pool.discard(self)
-        error = PeerClosed(self._error("read", _reason(exc) if exc else "EOF"))
+        error = PeerClosed(self._error("read", reason(exc) if exc else "EOF"))
         for future, _query, _qend in self.pending.values():
             if not future.done():
                 future.set_exception(error)
@@ -356,7 +285,7 @@ class Pool:
         except (OSError, TimeoutError, ssl.SSLError, ValueError) as exc:
             connection.closed = True
             self.discard(connection)
-            connection.ready.set_exception(UpstreamError(f"dial {self.network} {upstream.to}: {_reason(exc)}"))
+            connection.ready.set_exception(UpstreamError(f"dial {self.network} {upstream.to}: {reason(exc)}"))
             return
         except asyncio.CancelledError:
             connection.closed = True
@@ -410,7 +339,10 @@ class Upstream:
         self.probe: asyncio.Task[None] | None = None
         self.tasks: set[asyncio.Task[Any]] = set()
         self.stopped = False
-        self._udp_labels = (PROXY_NAME, self.to, "udp")
+        self.datagrams = Datagrams(self)
+        self.loop: asyncio.AbstractEventLoop | None = None  # set by ``use_loop`` when the plugin starts
+        self._to_labels = (self.to,)
+        self._rcode_labels: dict[int, tuple[tuple[str, str], tuple[str, str, str]]] = {}
 
     def __repr__(self) -> str:
         return f"<Upstream {self.target.transport}://{self.to} fails={self.fails}>"
@@ -421,26 +353,30 @@ class Upstream:
         max_fails = self.options.max_fails
         return max_fails > 0 and self.fails > max_fails
 
-    def count_ignored(self, reason: str) -> None:
-        self.metrics.ignored.inc((self.to, reason))
+    def use_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Keep the serving loop, so that no query asks for it (a system call on 3.11)."""
+        self.loop = loop
+        self.datagrams.loop = loop
+
+    def count_ignored(self, why: str) -> None:
+        self.metrics.ignored.inc((self.to, why))
 
     # -- queries ----------------------------------------------------------------------------
 
     async def exchange(self, req: Request, proto: str, deadline: float) -> bytes:
         """Ask this upstream ``req`` over ``proto`` ("udp"/"tcp"; TLS upstreams always use
         TLS); the reply as received (our ID, the upstream's question bytes)."""
-        loop = asyncio.get_running_loop()
+        loop = self.loop or asyncio.get_running_loop()
         start = loop.time()
         metrics = self.metrics
-        metrics.requests.inc((self.to,))
+        metrics.requests.inc(self._to_labels)
         query = req.wire
         qend = req.question.end
         timeout = min(self.options.read_timeout, deadline - start)
         if self.secure is not None:
             reply = await self._stream(self.secure, query, qend, timeout)
         elif proto == "udp":
-            metrics.misses.inc(self._udp_labels)  # every UDP query gets a socket of its own
-            reply = await self.udp(query, qend, timeout)
+            reply = await self.datagrams.exchange(query, qend, timeout)
             if reply[2] & _TC:
                 # Ask again over TCP: the client still gets what fits its UDP size (with
                 # TC), and a cache above keeps the whole answer for the TCP retry. If TCP
@@ -450,57 +386,22 @@ class Upstream:
                     reply = await self._stream(self.tcp, query, qend, timeout)
         else:
             reply = await self._stream(self.tcp, query, qend, timeout)
-        rcode = rcode_text(reply[3] & 0x0F)
-        metrics.responses.inc((rcode, self.to))
-        metrics.duration.observe((PROXY_NAME, self.to, rcode), loop.time() - start)
+        labels = self._rcode_labels.get(reply[3] & 0x0F) or self._new_rcode_labels(reply[3] & 0x0F)
+        metrics.responses.inc(labels[0])
+        metrics.duration.observe(labels[1], loop.time() - start)
         return reply
 
-    async def udp(self, query: bytes, qend: int, timeout: float) -> bytes:
-        """One UDP exchange from a new socket (random port) under a new random ID."""
-        loop = asyncio.get_running_loop()
-        try:
-            sock = socket.socket(self.family, socket.SOCK_DGRAM)
-        except OSError as exc:  # out of file descriptors: this upstream attempt fails, the next may not
-            raise UpstreamError(f"dial udp {self.to}: {_reason(exc)}") from None
-        try:
-            sock.setblocking(False)
-            sock.connect(self.sockaddr)  # the kernel now drops datagrams from other addresses
-            packet = new_id() + query[2:]
-            sock.send(packet)
-            future: asyncio.Future[bytes] = loop.create_future()
-            fd = sock.fileno()
-            loop.add_reader(fd, self._readable, sock, future, packet, qend)
-            timer = loop.call_later(timeout, _time_out, future)
-            try:
-                return await future
-            finally:
-                timer.cancel()
-                loop.remove_reader(fd)
-        except (OSError, TimeoutError) as exc:
-            raise UpstreamError(f"read udp {_local(sock)}->{self.to}: {_reason(exc)}") from None
-        finally:
-            sock.close()
-
-    def _readable(self, sock: socket.socket, future: asyncio.Future[bytes], packet: bytes, qend: int) -> None:
-        while not future.done():
-            try:
-                data = sock.recv(65535)
-            except BlockingIOError:
-                return
-            except OSError as exc:  # ICMP port unreachable: connection refused
-                future.set_exception(exc)
-                return
-            reason = mismatch(data, packet, qend)
-            if reason is None:
-                future.set_result(data)
-                return
-            self.count_ignored(reason)
+    def _new_rcode_labels(self, rcode: int) -> tuple[tuple[str, str], tuple[str, str, str]]:
+        """The label tuples of the response metrics for one RCODE, made once."""
+        text = rcode_text(rcode)
+        labels = self._rcode_labels[rcode] = ((text, self.to), (PROXY_NAME, self.to, text))
+        return labels
 
     async def _stream(self, pool: Pool, query: bytes, qend: int, timeout: float) -> bytes:
         """Exchange on a pooled connection. A reused connection the upstream had already
         closed is not the upstream's fault: try again (as CoreDNS does, for as long as
         the connection that failed was a reused one), within the same time budget."""
-        loop = asyncio.get_running_loop()
+        loop = self.loop or asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
             connection, cached = pool.acquire()
@@ -552,7 +453,7 @@ class Upstream:
             if self.tls or options.force_tcp:
                 await self._one_shot_stream(query, qend, timeout)
             else:
-                await self.udp(query, qend, timeout)
+                await self.datagrams.exchange(query, qend, timeout, fresh=True)
         except (UpstreamError, OSError, EOFError):  # EOFError: asyncio.IncompleteReadError
             return False
         return True
@@ -577,7 +478,8 @@ class Upstream:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def sweep(self) -> None:
+    def sweep(self, now: float) -> None:
+        self.datagrams.sweep(now)
         self.tcp.sweep()
         if self.secure is not None:
             self.secure.sweep()
@@ -588,6 +490,7 @@ class Upstream:
             self.probe.cancel()
         for task in list(self.tasks):
             task.cancel()
+        self.datagrams.close()
         self.tcp.close()
         if self.secure is not None:
             self.secure.close()
