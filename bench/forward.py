@@ -10,6 +10,7 @@ dnsperf once through the file at saturation, printing one line per round:
 * queries per second, queries lost, CPU seconds per 100k queries,
 * the lowest and highest of dnsperf's per-second rates (``-S 1``): a stall (a second in
   which the server answered little) shows as a low minimum,
+* the share of queries that needed a new UDP socket (forward's connection-cache misses),
 * the load average before the round (the machine may be shared: compare rounds of one
   run only).
 
@@ -32,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 from bench.compare import (
@@ -84,6 +86,21 @@ def completed(output: str) -> int:
     return int(match.group(1)) if match else 0
 
 
+def udp_sockets(corefile: Path) -> tuple[float, float]:
+    """forward's UDP connection-cache (hits, misses) from /metrics: how often a query
+    found a pooled socket, and how often it needed a new one."""
+    port = re.search(r"prometheus 127.0.0.1:(\d+)", corefile.read_text())
+    if port is None:
+        return (0.0, 0.0)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port.group(1)}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    counts = []
+    for kind in ("hits", "misses"):
+        match = re.search(rf'^coredns_proxy_conn_cache_{kind}_total{{[^}}]*proto="udp"[^}}]*}} ([\d.e+]+)$', text, re.M)
+        counts.append(float(match.group(1)) if match else 0.0)
+    return counts[0], counts[1]
+
+
 def one_round(args: argparse.Namespace, procs: Processes, upstream: int, queries: Path, last: bool) -> dict[str, float]:
     where = args.workdir / f"project-{queries.stem}"
     where.mkdir()
@@ -105,19 +122,22 @@ def one_round(args: argparse.Namespace, procs: Processes, upstream: int, queries
             spy = procs.start("py-spy", spy_command, None)
             time.sleep(1.0)
         elif perf is not None:
-            spy_command = ["perf", "record", "-F", "997", "-g", "-p", str(proc.pid), "-o", str(perf)]
+            spy_command = ["perf", "record", "-F", "499", "--call-graph", "dwarf,16384", "-p", str(proc.pid)]
+            spy_command += ["-o", str(perf)]
             spy = procs.start("perf", spy_command, CLIENT_CPU)
             time.sleep(1.0)
         before = tree_cpu_seconds(proc.pid)
         output = dnsperf(port, queries, args.seconds, args.rate)
         used = tree_cpu_seconds(proc.pid) - before
         rates = per_second(output)
+        sockets = udp_sockets(where / "Corefile")
         return {
             "qps": round(qps(output)),
             "lost_pct": lost(output),
             "cpu_s_per_100k": round(used / max(completed(output), 1) * 100_000, 2),
             "min_qps_1s": round(min(rates)) if rates else 0,
             "max_qps_1s": round(max(rates)) if rates else 0,
+            "new_sockets_pct": round(100 * sockets[1] / max(sum(sockets), 1), 2),
             "load1": round(load, 2),
         }
     finally:

@@ -225,3 +225,31 @@ async def test_a_shorter_deadline_is_kept_while_a_longer_one_waits(make_upstream
         assert not pool.open  # both sockets closed: one timed out, one given up
     finally:
         await forward.stop()
+
+
+class FailingSends:
+    """A pooled socket whose next ``send`` fails (as after an ICMP error the kernel kept)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def send(self, _data: bytes) -> int:
+        raise OSError(111, "Connection refused")
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.sock, name)
+
+
+async def test_a_failed_send_is_an_attempt_that_failed_on_a_socket_not_reused(
+    start_server: StartServer, make_upstream: MakeUpstream
+) -> None:
+    upstream = await make_upstream()
+    running = await serve(start_server, f"forward . {upstream.target}")
+    await running.udp("a.example.org")
+    pool = pool_of(running)
+    (conn,) = pool.idle
+    conn.sock = FailingSends(conn.sock)  # type: ignore[assignment]
+    # The first attempt fails on the pooled socket, which is closed; the second gets a new one.
+    assert addresses(await running.udp("b.example.org")) == ["192.0.2.1"]
+    assert conn.closed and conn not in pool.open
+    assert len(upstream.received("udp")) == 2 and len(set(ports(upstream))) == 2

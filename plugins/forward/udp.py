@@ -22,10 +22,13 @@ a stuck socket never lingers. Each new socket is connected to the upstream, so t
 picks its port at random and drops datagrams from any other address. (CoreDNS reuses its
 UDP sockets for ``expire``, 10 s, with no cap on uses.)
 
-The socket's reader stays registered for its whole life: one registration per socket, not
-per query. A reply is read by a plain callback (``recv`` on a ready socket), which costs
-less than a DatagramProtocol transport on uvloop or asyncio and needs no event-loop pass
-to open a socket.
+Per query, then, on uvloop (an echo upstream in another process, CPU of the asking
+process): a socket per query 29 us; a pooled socket read through a DatagramProtocol
+transport 8 us; a pooled socket whose reader stays registered for its whole life and is
+read by a plain callback (``recv`` on a ready socket) 6.5 us. The last is what this module
+does; it also needs no event-loop pass to open a socket. What else a query would pay for
+is shared: one timer per pool rather than one per query (``call_later`` and its cancel:
+~2 us), and the datagrams of one loop pass are sent together at its end (``_flush``).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import asyncio
 import errno
 import math
 import socket
+from asyncio import Future
 from typing import TYPE_CHECKING
 
 from .matching import UpstreamError, local_address, mismatch, new_id, reason
@@ -60,38 +64,75 @@ class Datagrams:
         self.timer: asyncio.TimerHandle | None = None
         self.timer_at = math.inf  # when ``timer`` fires (infinity: no timer)
         self.loop: asyncio.AbstractEventLoop | None = None  # the serving loop, once the plugin started
+        self.outbox: list[UdpSocket] = []  # queries to send at the end of this loop pass
 
     async def exchange(self, query: bytes, qend: int, timeout: float, fresh: bool = False) -> bytes:
         """Send ``query`` under a new random ID and wait up to ``timeout`` for its answer.
         ``fresh``: on a socket of its own, closed afterwards and not counted in the
         connection-cache metrics (health checks, as CoreDNS's checker dials anew)."""
-        if self.stopped:  # a query that outlived its configuration's grace period
-            raise UpstreamError(f"dial udp {self.upstream.to}: use of closed network connection")
-        loop = self.loop or asyncio.get_running_loop()
-        conn = self._new(loop) if fresh else self._acquire(loop)
-        packet = new_id() + query[2:]
-        future = loop.create_future()
-        conn.future = future
-        conn.packet = packet
-        conn.qend = qend
-        conn.uses += 1
-        deadline = conn.deadline = loop.time() + timeout
-        if deadline < self.timer_at:
-            self._arm(loop, deadline)
+        conn, future = self.send(query, qend, timeout, fresh)
         ok = False
         try:
-            conn.sock.send(packet)
             reply = await future
             ok = True
             return reply
         except (OSError, TimeoutError) as exc:
-            raise UpstreamError(f"read udp {local_address(conn.sock)}->{self.upstream.to}: {reason(exc)}") from None
+            raise self.failure(conn, exc) from None
         finally:
-            conn.future = None
-            if ok and not fresh and not conn.spoiled and conn.uses < MAX_USES and not self.stopped:
-                self._release(conn, loop.time())
-            else:
-                self._close(conn)
+            self.finish(conn, ok)
+
+    # ``exchange`` in three steps, for a caller that awaits the future in its own frame
+    # (``Upstream.exchange``: one coroutine less per query).
+
+    def send(self, query: bytes, qend: int, timeout: float, fresh: bool = False) -> tuple[UdpSocket, Future[bytes]]:
+        """Start an exchange: the socket it holds, and the future of its answer (or of
+        its error: an OSError or TimeoutError). ``finish`` must follow, whatever happens."""
+        if self.stopped:  # a query that outlived its configuration's grace period
+            raise UpstreamError(f"dial udp {self.upstream.to}: use of closed network connection")
+        loop = self.loop or asyncio.get_running_loop()
+        conn = self._new(loop) if fresh else self._acquire(loop)
+        future = conn.future = loop.create_future()
+        conn.packet = new_id() + query[2:]
+        conn.qend = qend
+        conn.uses += 1
+        conn.fresh = fresh
+        deadline = conn.deadline = loop.time() + timeout
+        if deadline < self.timer_at:
+            self._arm(loop, deadline)
+        outbox = self.outbox
+        if not outbox:
+            loop.call_soon(self._flush)
+        outbox.append(conn)
+        return conn, future
+
+    def failure(self, conn: UdpSocket, exc: BaseException) -> UpstreamError:
+        """The error of an exchange whose future failed, in Go's words."""
+        return UpstreamError(f"read udp {local_address(conn.sock)}->{self.upstream.to}: {reason(exc)}")
+
+    def finish(self, conn: UdpSocket, ok: bool) -> None:
+        """The exchange on ``conn`` is over (``ok``: it got its answer): pool the socket
+        again, or close it."""
+        conn.future = None
+        if ok and not conn.fresh and not conn.spoiled and conn.uses < MAX_USES and not self.stopped:
+            self._release(conn, (self.loop or asyncio.get_running_loop()).time())
+        else:
+            self._close(conn)
+
+    def _flush(self) -> None:
+        """Send the queries of this loop pass back to back. Sent one by one, in between
+        the work of each query, nearly every datagram found the upstream asleep, and
+        waking it (an inter-processor interrupt, dear in a VM) was most of a ``send``:
+        about 6 us, against 1 us for a datagram queued while it is awake."""
+        outbox, self.outbox = self.outbox, []
+        for conn in outbox:
+            future = conn.future
+            if future is None or future.done() or conn.closed:
+                continue  # given up (timed out, cancelled, stopped) before it left
+            try:
+                conn.sock.send(conn.packet)
+            except OSError as exc:
+                conn.spoiled = True
+                future.set_exception(exc)
 
     # -- timeouts: one timer per pool, not one per query --------------------------------------
 
@@ -193,6 +234,7 @@ class UdpSocket:
         "deadline",
         "expires",
         "fd",
+        "fresh",
         "future",
         "loop",
         "packet",
@@ -210,6 +252,7 @@ class UdpSocket:
         self.fd = sock.fileno()
         self.expires = expires  # closed rather than reused from then on
         self.deadline = 0.0  # when the query waiting here times out
+        self.fresh = False  # a socket for one exchange only (health checks)
         self.uses = 0
         self.future: asyncio.Future[bytes] | None = None  # the query waiting, if any
         self.packet = b""  # the last query sent, as sent (its ID and question)

@@ -376,7 +376,16 @@ class Upstream:
         if self.secure is not None:
             reply = await self._stream(self.secure, query, qend, timeout)
         elif proto == "udp":
-            reply = await self.datagrams.exchange(query, qend, timeout)
+            datagrams = self.datagrams
+            conn, future = datagrams.send(query, qend, timeout)
+            ok = False
+            try:
+                reply = await future
+                ok = True
+            except (OSError, TimeoutError) as exc:
+                raise datagrams.failure(conn, exc) from None
+            finally:
+                datagrams.finish(conn, ok)
             if reply[2] & _TC:
                 # Ask again over TCP: the client still gets what fits its UDP size (with
                 # TC), and a cache above keeps the whole answer for the TCP retry. If TCP
