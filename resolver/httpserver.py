@@ -173,7 +173,7 @@ class HTTPServer:
         conn = self.connections[task] = _Connection(writer, _peer_text(writer))
         try:
             await self._converse(reader, conn)
-        except (_Gone, ConnectionError, TimeoutError, asyncio.IncompleteReadError):
+        except (_Gone, OSError, TimeoutError, asyncio.IncompleteReadError):  # the network, not a bug
             pass
         except asyncio.CancelledError:
             # The loop is shutting down. Ending normally matters: a cancelled connection
