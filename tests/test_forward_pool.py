@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 
 import dns.message
 import dns.rcode
 import pytest
 
+import plugins.forward.matching as matching
 import plugins.forward.udp as udp_module
 from plugins.forward import Forward
 from plugins.forward.matching import UpstreamError
@@ -253,3 +255,22 @@ async def test_a_failed_send_is_an_attempt_that_failed_on_a_socket_not_reused(
     assert addresses(await running.udp("b.example.org")) == ["192.0.2.1"]
     assert conn.closed and conn not in pool.open
     assert len(upstream.received("udp")) == 2 and len(set(ports(upstream))) == 2
+
+
+def test_a_forked_child_draws_its_own_message_ids() -> None:
+    """IDs come from a buffer of random bytes: a worker forked after its parent filled
+    that buffer must not replay the parent's next IDs."""
+    matching.new_id()  # the buffer is filled now
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report its next IDs, then leave at once
+        os.write(write, b"".join(matching.new_id() for _ in range(8)))
+        os._exit(0)
+    os.close(write)
+    try:
+        child = os.read(read, 16)
+    finally:
+        os.close(read)
+        os.waitpid(pid, 0)
+    parent = b"".join(matching.new_id() for _ in range(8))
+    assert len(child) == 16 and child != parent

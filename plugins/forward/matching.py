@@ -55,6 +55,15 @@ def new_id() -> bytes:
     return _random_bytes[_random_offset - 2 : _random_offset]
 
 
+def _forget_random_bytes() -> None:
+    """In a forked child: never hand out the IDs the parent's buffer would give too."""
+    global _random_bytes, _random_offset
+    _random_bytes, _random_offset = b"", 0
+
+
+os.register_at_fork(after_in_child=_forget_random_bytes)
+
+
 def time_out(future: asyncio.Future[Any]) -> None:
     """A timer's callback: the wait for ``future`` is over."""
     if not future.done():

@@ -198,7 +198,8 @@ class StreamConnection(asyncio.Protocol):
                     raise PeerClosed(self._error("write", "EOF"))
                 ident = self._new_id()
                 query = ident + query[2:]
-                future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+                loop = self.pool.upstream.loop or asyncio.get_running_loop()
+                future: asyncio.Future[bytes] = loop.create_future()
                 self.pending[ident] = (future, query, qend)
                 self.transport.write(len(query).to_bytes(2, "big") + query)
                 return await future
