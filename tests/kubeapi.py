@@ -2,21 +2,31 @@
 four resources the kubernetes plugin reads (Namespaces, Services, Pods, EndpointSlices).
 
 It speaks what the real API server speaks, closely enough that the real kubernetes-asyncio
-client cannot tell: JSON lists with ``metadata.resourceVersion`` and ``limit``/``continue``
-pagination over a consistent snapshot, ``labelSelector`` and ``fieldSelector``, and watches
-as chunked newline-delimited JSON events (ADDED, MODIFIED, DELETED, BOOKMARK, ERROR) from one
-global, monotonically increasing resourceVersion and an event history. As the real server's
-watch cache does, a selected watch sees an object that stops matching as DELETED and one that
-starts matching as ADDED, and a watch from a resourceVersion older than the compacted history
-gets an ERROR event carrying a 410 Status.
+client cannot tell: JSON lists with ``metadata.resourceVersion``, ``labelSelector`` and
+``fieldSelector``, and watches as chunked newline-delimited JSON events (ADDED, MODIFIED,
+DELETED, BOOKMARK, ERROR) from one global, monotonically increasing resourceVersion and an
+event history. As the real server's watch cache does, a selected watch sees an object that
+stops matching as DELETED and one that starts matching as ADDED, and a watch from a
+resourceVersion older than the compacted history gets an ERROR event carrying a 410 Status.
+
+Lists follow the real server's resourceVersion rules: ``resourceVersion=0`` is served by
+the watch cache, which ignores ``limit`` (one response; with ``watch_cache = False``, a
+server without one, it pages); no resourceVersion is a consistent read, paged by ``limit``
+and ``continue`` over a snapshot (a token older than the compacted history gets 410); a
+resourceVersion N with ``resourceVersionMatch=NotOlderThan`` (or none) is served from the
+cache unpaged, or paged like etcd when ``limit`` is given (410 when N is compacted away);
+N newer than the server's is a 504 "Too large resource version". Large lists are written
+in pieces, as a real server streams them.
 
 Tests drive it through methods: ``add``/``update``/``delete`` objects, ``compact`` the
 history, ``drop_watches`` (abruptly) or ``end_watches`` (cleanly, as a watch timeout does),
-``bookmark``, ``fail`` the next N requests, answer the next watches with HTTP 410
-(``gone``), ``hold`` requests until ``release``, ``stop``/``restart`` on the same port, and
-read ``requests``/``log`` to see what the client asked. Object builders (``service``,
-``endpointslice``, ``pod``, ``namespace``) return complete objects (kind, apiVersion) that
-also serve as YAML manifests.
+``bookmark``, ``inject`` a raw line into a resource's watch history, ``fail`` the next N
+requests (optionally with ``Retry-After``), answer the next watches with HTTP 410
+(``gone``) or with an empty stream that ends at once (``empty_watches``), ``hold``
+requests until ``release``, call ``on_list`` before each list request, ``stop``/``restart``
+on the same port, and read ``requests``/``log`` to see what the client asked. Object
+builders (``service``, ``endpointslice``, ``pod``, ``namespace``) return complete objects
+(kind, apiVersion) that also serve as YAML manifests.
 
 Usage::
 
@@ -35,7 +45,7 @@ import re
 import ssl
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -191,9 +201,10 @@ def _item(obj: Obj) -> Obj:
 class Event:
     rv: int
     resource: str
-    type: str  # ADDED, MODIFIED, DELETED
+    type: str  # ADDED, MODIFIED, DELETED, or RAW (``raw`` is sent as it is)
     old: Obj | None
     new: Obj  # for DELETED: the last state, carrying the deletion's resourceVersion
+    raw: bytes = b""
 
 
 @dataclass(eq=False)
@@ -217,6 +228,8 @@ class Watcher:
     def convert(self, event: Event) -> tuple[str, Obj] | None:
         """What this watch sees of ``event``: transitions across the selector become ADDED or
         DELETED (the real watch cache does the same), anything else outside it nothing."""
+        if event.type == "RAW":
+            return ("RAW", {"raw": event.raw})
         was, now = self.selects(event.old), self.selects(event.new)
         if event.type == "DELETED":
             return ("DELETED", event.new) if was else None
@@ -230,6 +243,7 @@ class Watcher:
         return None
 
 
+_WRITE_BATCH = 200  # list items per write of a large list
 _DROP = object()  # close the connection abruptly
 _END = object()  # end the stream cleanly (as timeoutSeconds does)
 
@@ -253,9 +267,11 @@ _REASONS = {400: "BadRequest", 401: "Unauthorized", 403: "Forbidden", 404: "NotF
 @dataclass
 class _Failure:
     remaining: int
-    status: int
+    status: int  # 200: an empty watch stream, ended at once
     path: str | None
     watch_only: bool
+    retry_after: float | None = None
+    message: str | None = None
 
 
 @dataclass
@@ -276,10 +292,17 @@ class Logged:
 class FakeKubeAPI:
     """The fake API server; see the module docstring."""
 
-    def __init__(self, *, ssl_context: ssl.SSLContext | None = None, token: str | None = None) -> None:
+    def __init__(
+        self, *, ssl_context: ssl.SSLContext | None = None, token: str | None = None, host: str = "127.0.0.1"
+    ) -> None:
         self.ssl_context = ssl_context
         #: When set, requests must carry ``Authorization: Bearer <token>`` (else 401).
         self.token = token
+        self.host = host
+        #: Lists at resourceVersion=0 come from a watch cache, which ignores ``limit``.
+        self.watch_cache = True
+        #: Called with each list request before it is answered (tests change state there).
+        self.on_list: Callable[[Logged], None] | None = None
         self.port = 0
         self.rv = 1
         #: History holds the events after this resourceVersion; older watches get 410.
@@ -303,7 +326,8 @@ class FakeKubeAPI:
     @property
     def url(self) -> str:
         scheme = "https" if self.ssl_context is not None else "http"
-        return f"{scheme}://127.0.0.1:{self.port}"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{scheme}://{host}:{self.port}"
 
     async def start(self) -> FakeKubeAPI:
         app = web.Application(middlewares=[self._middleware])
@@ -316,7 +340,7 @@ class FakeKubeAPI:
         # server's does (open_watches() then counts only live watches).
         runner = web.AppRunner(app, shutdown_timeout=1.0, access_log=None, handler_cancellation=True)
         await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", self.port, ssl_context=self.ssl_context, reuse_address=True)
+        site = web.TCPSite(runner, self.host, self.port, ssl_context=self.ssl_context, reuse_address=True)
         await site.start()
         server = site._server
         assert server is not None
@@ -397,13 +421,33 @@ class FakeKubeAPI:
             if watcher.bookmarks:
                 watcher.queue.put_nowait(("BOOKMARK", self._bookmark_object(watcher.resource)))
 
-    def fail(self, times: int, status: int = 500, path: str | None = None, watch_only: bool = False) -> None:
-        """Answer the next ``times`` requests (whose path contains ``path``, if given) with ``status``."""
-        self._failures.append(_Failure(times, status, path, watch_only))
+    def inject(self, kind: str, line: bytes) -> None:
+        """Put a raw line (garbage, say) into the watch history of ``kind`` at the next
+        resourceVersion: every watch of that kind gets it, and so does every watch resumed
+        from before it, until the history is compacted."""
+        self.rv += 1
+        self._publish(Event(self.rv, BY_KIND[kind].plural, "RAW", None, {}, raw=line.rstrip(b"\n") + b"\n"))
+
+    def fail(
+        self,
+        times: int,
+        status: int = 500,
+        path: str | None = None,
+        watch_only: bool = False,
+        retry_after: float | None = None,
+        message: str | None = None,
+    ) -> None:
+        """Answer the next ``times`` requests (whose path contains ``path``, if given) with
+        ``status`` (and a ``Retry-After`` header, and the Status ``message``, if given)."""
+        self._failures.append(_Failure(times, status, path, watch_only, retry_after, message))
 
     def gone(self, times: int = 1, path: str | None = None) -> None:
         """Answer the next ``times`` watch requests with HTTP 410 directly (no stream)."""
         self.fail(times, 410, path, watch_only=True)
+
+    def empty_watches(self, times: int = 1, path: str | None = None) -> None:
+        """Answer the next ``times`` watch requests with 200 and a stream that ends at once."""
+        self.fail(times, 200, path, watch_only=True)
 
     def hold(self) -> None:
         """Accept requests but answer none until ``release`` (an API server that is slow to
@@ -483,8 +527,19 @@ class FakeKubeAPI:
                 if failure.watch_only and not entry.watch:
                     continue
                 failure.remaining -= 1
-                message = "too old resource version" if failure.status == 410 else "injected failure"
-                return self._status(failure.status, message)
+                if failure.status == 200:
+                    empty = web.StreamResponse(headers={"Content-Type": "application/json"})
+                    empty.enable_chunked_encoding()
+                    await empty.prepare(request)
+                    await empty.write_eof()
+                    return empty
+                message = failure.message or (
+                    "too old resource version" if failure.status == 410 else "injected failure"
+                )
+                answer = self._status(failure.status, message)
+                if failure.retry_after is not None:
+                    answer.headers["Retry-After"] = f"{failure.retry_after:g}"
+                return answer
         task = asyncio.current_task()
         if task is not None:
             self._handlers.add(task)
@@ -520,10 +575,31 @@ class FakeKubeAPI:
         watcher = Watcher(resource, namespace, labels, fields, bookmarks)
         if query.get("watch", "").lower() in ("true", "1"):
             return await self._watch(request, watcher)
-        return self._list(watcher, query)
+        if self.on_list is not None:
+            self.on_list(Logged(request.path, dict(query)))
+        return await self._list(request, watcher, query)
 
-    def _list(self, watcher: Watcher, query: Mapping[str, str]) -> web.Response:
+    async def _list(self, request: web.Request, watcher: Watcher, query: Mapping[str, str]) -> web.StreamResponse:
         token = query.get("continue")
+        rv_text = query.get("resourceVersion", "")
+        match = query.get("resourceVersionMatch", "")
+        try:
+            limit = int(query.get("limit") or 0)
+            asked = int(rv_text) if rv_text else None
+        except ValueError:
+            return self._status(400, "invalid limit or resourceVersion")
+        if match not in ("", "NotOlderThan", "Exact") or (match and asked is None):
+            return self._status(400, f"invalid resourceVersionMatch {match!r} with resourceVersion {rv_text!r}")
+        if token and rv_text:
+            return self._status(400, "specifying resource version is not allowed when using continue")
+        if asked is not None and asked > self.rv:
+            return self._status(504, f"Too large resource version: {asked}, current: {self.rv}")
+        if asked == 0 and self.watch_cache:
+            limit = 0  # the watch cache ignores limit
+        elif asked and (limit or match == "Exact") and asked < self.compacted:
+            # Paged (or exact) reads at a version come from etcd: compacted away.
+            return self._status(410, f"too old resource version: {asked} ({self.compacted})")
+        # Else unpaged at a version: the watch cache's current state, not older than asked.
         if token:
             try:
                 snapshot_id, offset_text = base64.urlsafe_b64decode(token.encode()).decode().split(":")
@@ -542,10 +618,6 @@ class FakeKubeAPI:
             offset = 0
             snapshot_id = uuid.uuid4().hex
             self._snapshots[snapshot_id] = (rv, items)
-        try:
-            limit = int(query.get("limit") or 0)
-        except ValueError:
-            return self._status(400, "invalid limit")
         end = offset + limit if limit > 0 else len(items)
         page = items[offset:end]
         metadata: Obj = {"resourceVersion": str(rv)}
@@ -554,13 +626,17 @@ class FakeKubeAPI:
             metadata["remainingItemCount"] = len(items) - end
         else:
             self._snapshots.pop(snapshot_id, None)
-        body = {
-            "kind": watcher.resource.list_kind,
-            "apiVersion": watcher.resource.api_version,
-            "metadata": metadata,
-            "items": [_item(obj) for obj in page],
-        }
-        return web.Response(body=json.dumps(body).encode(), content_type="application/json")
+        head = {"kind": watcher.resource.list_kind, "apiVersion": watcher.resource.api_version, "metadata": metadata}
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        await response.write(json.dumps(head)[:-1].encode() + b', "items": [')
+        for start in range(0, len(page), _WRITE_BATCH):
+            batch = ", ".join(json.dumps(_item(obj)) for obj in page[start : start + _WRITE_BATCH])
+            await response.write((", " if start else "").encode() + batch.encode())
+        await response.write(b"]}")
+        await response.write_eof()
+        return response
 
     async def _watch(self, request: web.Request, watcher: Watcher) -> web.StreamResponse:
         query = request.query
@@ -618,6 +694,8 @@ class FakeKubeAPI:
 
 
 def _event(event_type: str, obj: Obj) -> bytes:
+    if event_type == "RAW":
+        return obj["raw"]  # type: ignore[no-any-return]
     return json.dumps({"type": event_type, "object": obj}).encode() + b"\n"
 
 

@@ -50,6 +50,9 @@ if TYPE_CHECKING:
 log = plugin_logger("kubernetes")
 
 RESOLV_CONF = "/etc/resolv.conf"
+#: Delays before starting a failed source again: doubling from the first to the last.
+SOURCE_RESTART_INITIAL = 1.0
+SOURCE_RESTART_MAX = 60.0
 #: CoreDNS's buckets for the programming latency: 1 ms doubling 20 times (about 9 min).
 PROGRAMMING_BUCKETS = tuple(0.001 * 2**i for i in range(20))
 _FLAGS = ("endpoint_pod_names", "noendpoints")
@@ -137,12 +140,22 @@ class Kubernetes(Plugin):
             raise self._error(str(exc)) from None
 
     async def _run(self, source: Source) -> None:
-        try:
-            await source.run()
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # a source must never end; if one does, say so and keep serving
-            log.exception("the Kubernetes source stopped")
+        """Run the source until the plugin stops. A source never ends by itself; should one
+        fail all the same (a bug), say so and start it again, with a growing delay: the
+        index it fills must not silently freeze while ``ready`` says 200."""
+        delay = SOURCE_RESTART_INITIAL
+        while True:
+            try:
+                await source.run()
+                problem = "ended"
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                problem = "failed"
+                log.exception("the Kubernetes source failed")
+            log.error("the Kubernetes source %s; starting it again in %gs", problem, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, SOURCE_RESTART_MAX)
 
     async def _wait_synced(self) -> None:
         # Polling is fine here: it runs once per start, for at most startup_timeout.
