@@ -15,7 +15,14 @@ measures:
   every kind, paginated 500 at a time, through the index);
 * RSS right after the sync, its peak during the sync (VmHWM), and after settling;
 * queries answered correctly afterwards (services, headless endpoints, SRV, pods, PTR,
-  NXDOMAIN), over UDP with dnspython.
+  NXDOMAIN), over UDP with dnspython;
+* relists (``--relists`` rounds, default 2): the fake API compacts its history and cuts
+  every watch, so each kind resumes, gets 410 Gone and lists again (at its last
+  resourceVersion, unpaged, as from the real server's watch cache). Per round: the time
+  until every kind is listed and watching again, the peak RSS during it (VmHWM, reset
+  first) and the RSS after, and the latency of DNS queries answered meanwhile, from a
+  probe process sending one query every 5 ms (p50, p99, max), beside the same probe on the
+  idle server.
 
 The same is done first with an empty cluster, as the baseline. CoreDNS's sizing rule for
 this load is (pods + services) / 1000 + 54 MB = 114 MB. Prints a table and writes
@@ -51,6 +58,12 @@ from tests.kubeapi import FakeKubeAPI  # noqa: E402
 LOOPBACK = "127.0.0.1"
 START_TIMEOUT = 60.0
 SYNC_TIMEOUT = 240.0
+RELIST_TIMEOUT = 240.0
+PROBE_IDLE_SECONDS = 3.0
+#: The kinds the benchmark's Corefile makes the resolver watch (pods verified: all four).
+KINDS = ("/api/v1/namespaces", "/api/v1/services", "/apis/discovery.k8s.io/v1/endpointslices", "/api/v1/pods")
+#: Attempts at starting the resolver (two free ports picked here may be taken meanwhile).
+START_ATTEMPTS = 3
 NAMESPACES = 100
 NODES = 100
 PODS_PER_SERVICE = 5
@@ -392,6 +405,9 @@ def cluster(services: int) -> Iterator[dict[str, Any]]:
 
 
 def free_port() -> int:
+    """A port free right now. The resolver does not say which port it bound, so ports are
+    picked here; one taken before the resolver binds it fails that start, which is retried
+    (``START_ATTEMPTS``) with other ports."""
     with socket.socket() as probe:
         probe.bind((LOOPBACK, 0))
         return int(probe.getsockname()[1])
@@ -454,6 +470,115 @@ def checks(services: int) -> list[tuple[str, str, set[str] | None]]:
     return wanted
 
 
+# The latency probe: a separate process (this one also runs the fake API server, whose JSON
+# encoding must not count as the resolver's latency). One query every 5 ms until its stdin
+# closes (or 300 s pass); prints percentiles in milliseconds as JSON.
+_PROBE = """
+import json, select, socket, sys, time
+import dns.message
+port, name = int(sys.argv[1]), sys.argv[2]
+wire = dns.message.make_query(name, "A").to_wire()
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.settimeout(2.0)
+latencies, lost, end = [], 0, time.monotonic() + 300
+while time.monotonic() < end and not select.select([sys.stdin], [], [], 0)[0]:
+    sent = time.monotonic()
+    sock.sendto(wire, ("127.0.0.1", port))
+    try:
+        sock.recv(4096)
+        latencies.append(time.monotonic() - sent)
+    except OSError:  # a timeout, or refused
+        lost += 1
+    time.sleep(0.005)
+latencies.sort()
+def at(share):
+    return round(latencies[min(len(latencies) - 1, int(len(latencies) * share))] * 1000, 2) if latencies else None
+print(json.dumps({"queries": len(latencies) + lost, "lost": lost, "p50_ms": at(0.5), "p99_ms": at(0.99),
+                  "max_ms": round(latencies[-1] * 1000, 1) if latencies else None}))
+"""
+
+
+class Probe:
+    """Queries the resolver from another process while something happens."""
+
+    def __init__(self, port: int, name: str) -> None:
+        self.port, self.name = port, name
+        self.proc: Any = None
+
+    async def __aenter__(self) -> Probe:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", _PROBE, str(self.port), self.name,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT,
+        )  # fmt: skip
+        return self
+
+    async def result(self) -> dict[str, Any]:
+        """Stop the probe (close its stdin) and read what it measured."""
+        assert self.proc is not None and self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.close()
+        out = await asyncio.wait_for(self.proc.stdout.read(), 30)
+        await self.proc.wait()
+        return json.loads(out) if out else {}
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.kill()
+            await self.proc.wait()
+
+
+def reset_peak_rss(pid: int) -> None:
+    """Reset VmHWM to the current RSS (Linux: ``echo 5 > /proc/PID/clear_refs``)."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
+def relisted(api: FakeKubeAPI, since: int) -> bool:
+    """Every kind has listed again since log entry ``since`` and opened its watch after."""
+    entries = api.log[since:]
+    for path in KINDS:
+        listed = [number for number, entry in enumerate(entries) if entry.path == path and not entry.watch]
+        if not listed or not any(entry.path == path and entry.watch for entry in entries[listed[-1] :]):
+            return False
+    return True
+
+
+async def measure_relists(api: FakeKubeAPI, proc: Any, dns_port: int, rounds: int, probe_name: str) -> list[Any]:
+    """Force ``rounds`` relists of every kind; what each cost (see the module docstring)."""
+    results: list[Any] = []
+    for number in range(rounds):
+        deadline = time.monotonic() + RELIST_TIMEOUT
+        while api.open_watches() < len(KINDS):
+            if time.monotonic() > deadline:
+                raise TimeoutError("the watches did not all open again")
+            await asyncio.sleep(0.05)
+        reset_peak_rss(proc.pid)
+        since = len(api.log)
+        async with Probe(dns_port, probe_name) as probe:
+            started = time.monotonic()
+            # Cut the watches, then move on and forget the history: every kind resumes from
+            # before the compaction (the new Namespace reaches no watch), so every kind gets 410.
+            api.drop_watches()
+            api.add({"kind": "Namespace", "metadata": {"name": f"relist-{number}"}})
+            api.compact()
+            while not relisted(api, since):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"relist {number + 1} did not finish within {RELIST_TIMEOUT:.0f}s")
+                await asyncio.sleep(0.02)
+            seconds = time.monotonic() - started
+            latency = await probe.result()
+        peak = peak_rss_mb(proc.pid)
+        await asyncio.sleep(1.0)
+        results.append(
+            {
+                "relist_s": round(seconds, 2),
+                "rss_peak_mb": round(peak, 1),
+                "rss_after_mb": round(rss_mb(proc.pid), 1),
+                "latency_during": latency,
+            }
+        )
+        print(f"  relist {number + 1}: {results[-1]}", file=sys.stderr)
+    return results
+
+
 async def ask(port: int, name: str, rdtype: str) -> dns.message.Message:
     query = dns.message.make_query(name, rdtype)
     return await dns.asyncquery.udp(query, LOOPBACK, port=port, timeout=3)
@@ -475,7 +600,7 @@ async def correct_answers(port: int, services: int) -> tuple[int, int, list[str]
     return ok, len(wanted), problems
 
 
-async def measure(services: int, workdir: Path) -> dict[str, Any]:
+async def measure(services: int, workdir: Path, relists: int) -> dict[str, Any]:
     """One run: load the fake API, start the resolver held, release, measure."""
     api = FakeKubeAPI()
     built_at = time.monotonic()
@@ -487,38 +612,36 @@ async def measure(services: int, workdir: Path) -> dict[str, Any]:
     counts = {plural: len(store) for plural, store in api.objects.items()}
     build_seconds = time.monotonic() - built_at
     await api.start()
-    dns_port, ready_port = free_port(), free_port()
-    corefile = workdir / f"Corefile.{services}"
-    corefile.write_text(
-        f"cluster.local:{dns_port} in-addr.arpa:{dns_port} {{\n"
-        f"    bind {LOOPBACK}\n"
-        f"    ready {LOOPBACK}:{ready_port}\n"
-        "    kubernetes cluster.local in-addr.arpa {\n"
-        f"        endpoint {api.url}\n"
-        "        pods verified\n"
-        "        startup_timeout 0s\n"
-        "    }\n"
-        "}\n"
-    )
     log_path = workdir / f"resolver.{services}.log"
-    url = f"http://{LOOPBACK}:{ready_port}/ready"
     api.hold()
-    started = time.monotonic()
-    with open(log_path, "wb") as log_file:
-        proc = await asyncio.create_subprocess_exec(
-            *(sys.executable, "-m", "resolver", "-conf", str(corefile)),
-            cwd=ROOT,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
     result: dict[str, Any] = {"services": counts["services"], "endpointslices": counts["endpointslices"],
                               "pods": counts["pods"], "namespaces": counts["namespaces"]}  # fmt: skip
+    proc: Any = None
     try:
         async with aiohttp.ClientSession() as session:
-            await wait_ready(session, url, {200, 503}, proc, START_TIMEOUT)
+            for attempt in range(START_ATTEMPTS):
+                dns_port, ready_port = free_port(), free_port()
+                url = f"http://{LOOPBACK}:{ready_port}/ready"
+                corefile = write_corefile(workdir / f"Corefile.{services}", api.url, dns_port, ready_port)
+                started = time.monotonic()
+                with open(log_path, "wb") as log_file:
+                    proc = await asyncio.create_subprocess_exec(
+                        *(sys.executable, "-m", "resolver", "-conf", str(corefile)),
+                        cwd=ROOT,
+                        stdout=log_file,
+                        stderr=subprocess.STDOUT,
+                    )
+                try:
+                    await wait_ready(session, url, {200, 503}, proc, START_TIMEOUT)
+                    break
+                except RuntimeError:  # exited: a port taken meanwhile? Try other ports.
+                    if attempt + 1 == START_ATTEMPTS:
+                        raise RuntimeError(f"the resolver did not start; see {log_path}") from None
             startup = time.monotonic() - started
             deadline = time.monotonic() + START_TIMEOUT
-            while api.held < 4 and time.monotonic() < deadline:  # the four first lists are in
+            while api.held < len(KINDS):  # every kind's first list is in, held
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{api.held} of {len(KINDS)} first lists arrived; see {log_path}")
                 await asyncio.sleep(0.02)
             await asyncio.sleep(0.5)  # let the process settle
             before = rss_mb(proc.pid)
@@ -532,6 +655,11 @@ async def measure(services: int, workdir: Path) -> dict[str, Any]:
             await asyncio.sleep(2.0)
             settled = rss_mb(proc.pid)
         served = sum(1 for entry in api.log if not entry.watch)
+        probe_name = f"{service_name(1)[1]}.{service_name(1)[0]}.svc.cluster.local"
+        async with Probe(dns_port, probe_name) as probe:
+            await asyncio.sleep(PROBE_IDLE_SECONDS)
+            idle = await probe.result()
+        relist_rounds = await measure_relists(api, proc, dns_port, relists, probe_name) if services else []
         result.update(
             {
                 "startup_s": round(startup, 2),
@@ -544,8 +672,11 @@ async def measure(services: int, workdir: Path) -> dict[str, Any]:
                 "rss_settled_mb": round(settled, 1),
                 "rss_growth_mb": round(settled - before, 1),
                 "queries_ok": f"{ok}/{total}",
+                "latency_idle": idle,
             }
         )
+        if relist_rounds:
+            result["relists"] = relist_rounds
         if problems:
             result["query_problems"] = problems
         log_text = log_path.read_text(errors="replace")
@@ -553,7 +684,7 @@ async def measure(services: int, workdir: Path) -> dict[str, Any]:
         print(f"  loaded {objects} objects in {build_seconds:.1f}s; resolver log: {log_path}", file=sys.stderr)
         return result
     finally:
-        if proc.returncode is None:
+        if proc is not None and proc.returncode is None:
             proc.terminate()
             try:
                 await asyncio.wait_for(proc.wait(), 10)
@@ -564,12 +695,27 @@ async def measure(services: int, workdir: Path) -> dict[str, Any]:
         gc.unfreeze()
 
 
-async def run(services: int, keep_logs: bool) -> list[dict[str, Any]]:
+def write_corefile(path: Path, api_url: str, dns_port: int, ready_port: int) -> Path:
+    path.write_text(
+        f"cluster.local:{dns_port} in-addr.arpa:{dns_port} {{\n"
+        f"    bind {LOOPBACK}\n"
+        f"    ready {LOOPBACK}:{ready_port}\n"
+        "    kubernetes cluster.local in-addr.arpa {\n"
+        f"        endpoint {api_url}\n"
+        "        pods verified\n"
+        "        startup_timeout 0s\n"
+        "    }\n"
+        "}\n"
+    )
+    return path
+
+
+async def run(services: int, keep_logs: bool, relists: int) -> list[dict[str, Any]]:
     workdir = Path(tempfile.mkdtemp(prefix="bench-kubernetes-"))
     results = []
     for size in (0, services):
         print(f"measuring {size} services ...", file=sys.stderr)
-        results.append(await measure(size, workdir))
+        results.append(await measure(size, workdir, relists))
     if not keep_logs:
         for path in workdir.iterdir():
             path.unlink()
@@ -581,12 +727,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--services", type=int, default=10_000, help="Services (Pods: 5 each, one EndpointSlice each)")
     parser.add_argument("--keep-logs", action="store_true", help="keep the resolver's log files")
+    parser.add_argument("--relists", type=int, default=2, help="forced relists of every kind to measure (0: none)")
     args = parser.parse_args()
-    results = asyncio.run(run(args.services, args.keep_logs))
-    columns = [key for key in results[-1] if key != "query_problems"]
+    results = asyncio.run(run(args.services, args.keep_logs, max(0, min(args.relists, 10))))
+    nested = ("query_problems", "relists", "latency_idle")
+    columns = [key for key in results[-1] if key not in nested]
     print(" | ".join(f"{column:>18}" for column in columns))
     for row in results:
         print(" | ".join(f"{row.get(column, '')!s:>18}" for column in columns))
+    for row in results:
+        idle = row.get("latency_idle", {})
+        print(
+            f"{row['services']} services, DNS latency idle: p50 {idle.get('p50_ms')} ms, p99 {idle.get('p99_ms')} ms,"
+            f" max {idle.get('max_ms')} ms ({idle.get('queries')} queries, {idle.get('lost')} lost)"
+        )
+        for number, relist in enumerate(row.get("relists", []), 1):
+            during = relist["latency_during"]
+            print(
+                f"  relist {number}: {relist['relist_s']} s, RSS peak {relist['rss_peak_mb']} MB, after"
+                f" {relist['rss_after_mb']} MB; DNS latency meanwhile: p50 {during.get('p50_ms')} ms, p99"
+                f" {during.get('p99_ms')} ms, max {during.get('max_ms')} ms ({during.get('queries')} queries,"
+                f" {during.get('lost')} lost)"
+            )
     pods, services = results[-1]["pods"], results[-1]["services"]
     coredns = (pods + services) / 1000 + 54
     print(f"CoreDNS sizing rule for this load: ({pods} + {services}) / 1000 + 54 = {coredns:.0f} MB")
@@ -599,7 +761,8 @@ def main() -> None:
         "python": sys.version.split()[0],
         "coredns_sizing_mb": round(coredns),
         "runs": results,
-        "note": "RSS in MiB of the resolver process; sync = first full list of every kind after release",
+        "note": "RSS in MiB of the resolver process; sync = first full list of every kind after release;"
+        " relists: compact + cut watches, until every kind listed and watches again",
     }
     (out / "kubernetes.json").write_text(json.dumps(document, indent=2) + "\n")
 
