@@ -1181,6 +1181,36 @@ def test_parse_list_rejects_what_is_not_a_list(text: str) -> None:
         kapi.parse_list(text, lambda item: 1)
 
 
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 64, 4096])
+def test_list_reader_reads_a_list_in_pieces_of_any_size(size: int) -> None:
+    document = {
+        "kind": "ServiceList",
+        "metadata": {"resourceVersion": "12", "remainingItemCount": 1234567},
+        "items": [
+            {"metadata": {"name": "bücher", "labels": {"e": "😀"}}, "n": [1, 22, 333, -4.5e10]},
+            {"t": True, "f": False, "z": None, "s": 'a "quoted" ]}, thing'},
+            12345678,
+            [],
+        ],
+        "apiVersion": "v1",
+    }
+    body = json.dumps(document, ensure_ascii=False, indent=1).encode()
+    seen: list[Any] = []
+    reader = kapi.ListReader(lambda item: seen.append(item) or 1)
+    for start in range(0, len(body), size):
+        reader.feed(body[start : start + size])
+    assert reader.close() == document["metadata"]
+    assert seen == document["items"] and reader.applied == 4
+
+
+def test_list_reader_refuses_an_item_larger_than_its_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kapi, "MAX_PENDING", 1000)
+    reader = kapi.ListReader(lambda item: 1)
+    reader.feed(b'{"items": [{"a": "' + b"x" * 500)
+    with pytest.raises(ValueError, match="unreadable list response"):
+        reader.feed(b"x" * 600)
+
+
 def test_backoff_doubles_with_jitter_up_to_the_cap(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(kapi, "BACKOFF_INITIAL", 0.5)
     monkeypatch.setattr(kapi, "BACKOFF_MAX", 30.0)
