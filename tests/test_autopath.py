@@ -814,7 +814,9 @@ async def test_e2e_with_the_cache_each_client_keeps_its_own_view(start_server: S
     assert other.rcode() == dns.rcode.NXDOMAIN
     for _round in range(2):  # the second round comes from the cache
         pod_a, pod_aaaa = await asyncio.gather(ask(running, name, "A"), ask(running, name, "AAAA"))
-        assert answer_text(pod_a)[0] == f"{name}. 5 IN CNAME web.data.svc.cluster.local."
+        owner, ttl, rest = answer_text(pod_a)[0].split(" ", 2)
+        assert (owner, rest) == (f"{name}.", "IN CNAME web.data.svc.cluster.local.")
+        assert 0 < int(ttl) <= 5  # from the cache the TTL may have ticked down a second
         assert pod_aaaa.rcode() == dns.rcode.NOERROR  # NODATA: the Service has no IPv6
         assert (await ask(running, name, "AAAA", client=OTHER)).rcode() == dns.rcode.NXDOMAIN
 
