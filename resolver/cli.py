@@ -29,7 +29,7 @@ from resolver.endpoints import EndpointError
 from resolver.plugin import Registry
 from resolver.runtime import Runtime
 from resolver.server import ListenError, Server
-from resolver.workers import NoHTTPEndpoints, Ready, Supervisor
+from resolver.workers import Link, NoHTTPEndpoints, Supervisor
 
 log = logs.core_logger()
 
@@ -129,28 +129,41 @@ def main(argv: list[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return 1
     if args.workers > 1:
-        return _supervise(config, text, file, args, registry)
+        keys = [(key.zone, key.port) for block in config.blocks for key in block.keys]
+        if any(plugin.name == "kubernetes" for plugin in config.plugins()):
+            log.warning(
+                "kubernetes with -workers %d: each worker watches the Kubernetes API and holds the cluster's "
+                "records on its own (%d times the watches, API server load and memory)",
+                args.workers,
+                args.workers,
+            )
+        # The supervisor keeps no configuration: each worker loads its own from the text
+        # (no plugin instance crosses a fork), and nothing of this one is left in the
+        # heap that every worker inherits and that _freeze_heap freezes.
+        del config, runtime
+        return _supervise(keys, text, file, args, registry)
     return _run(lambda: serve(config, args, registry))
 
 
-def _supervise(config: Config, text: str, file: str, args: argparse.Namespace, registry: Registry) -> int:
-    """Run ``args.workers`` worker processes (the Corefile is known to load)."""
-    keys = [(block_key.zone, block_key.port) for block in config.blocks for block_key in block.keys]
-    del config  # each worker loads its own: no plugin instance crosses a fork
+def _supervise(keys: list[tuple[str, int]], text: str, file: str, args: argparse.Namespace, registry: Registry) -> int:
+    """Run ``args.workers`` worker processes (the Corefile ``text`` is known to load)."""
 
-    def worker(index: int, ports: dict[int, int], ready: Ready) -> int:
+    def worker(index: int, corefile: str, link: Link) -> int:
         runtime = Runtime(corefile=None if args.conf == "stdin" else (args.conf or "Corefile"))
         if index > 0:
             runtime.http = NoHTTPEndpoints()  # worker 0 alone serves health, ready, metrics
         try:
-            config = load(text, file, registry, args.port, directory=_directory_of(file), runtime=runtime)
+            config = load(corefile, file, registry, args.port, directory=_directory_of(file), runtime=runtime)
         except CorefileError as exc:
             print(exc, file=sys.stderr)
             return 1
-        return _run(lambda: serve(config, args, registry, worker=(ports, ready)))
+        return _run(lambda: serve(config, args, registry, link=link))
+
+    def read() -> str:
+        return read_corefile(args.conf, sys.stdin)[0]
 
     _freeze_heap()  # before forking: the workers' collections then leave the shared pages alone
-    supervisor = Supervisor(args.workers, worker)
+    supervisor = Supervisor(args.workers, worker, text, None if args.conf == "stdin" else read)
     if not supervisor.start():
         return supervisor.status
     try:
@@ -186,42 +199,26 @@ def _run(entry: object) -> int:
         return runner.run(entry())  # type: ignore[operator]
 
 
-async def serve(
-    config: Config,
-    args: argparse.Namespace,
-    registry: Registry,
-    worker: tuple[dict[int, int], Ready] | None = None,
-) -> int:
+async def serve(config: Config, args: argparse.Namespace, registry: Registry, link: Link | None = None) -> int:
     """Serve until SIGTERM/SIGINT; return the exit status.
 
-    ``worker`` is set in a worker process of ``-workers N``: the ports to bind for ``:0``
-    listeners (those worker 0 got) and how to tell the supervisor it is listening. The
-    supervisor then writes the pidfile and the banner, and handles SIGINT.
+    ``link`` is set in a worker process of ``-workers N``: the ports to bind for ``:0``
+    listeners (those worker 0 got), and the channel to the supervisor, which writes the
+    pidfile and the banner, handles SIGINT and SIGUSR1, and sends the Corefile to reload.
     """
-    ports, ready = worker if worker is not None else ({}, None)
-    pidfile = args.pidfile if worker is None else None  # the supervisor's, not a worker's
-    server = Server(config.runtime, reuse_port=worker is not None, assigned_ports=ports)
+    pidfile = args.pidfile if link is None else None  # the supervisor's, not a worker's
+    server = Server(config.runtime, reuse_port=link is not None, assigned_ports=link.ports if link else None)
     try:
         await server.apply(config)
     except (ListenError, CorefileError, EndpointError, OSError) as exc:
         print(f"{config.file}: {exc}" if isinstance(exc, ListenError) else str(exc), file=sys.stderr)
         return 1
-    _freeze_heap()
-    if pidfile:  # before the banner: whoever waits for the banner may read it next
-        try:
-            Path(pidfile).write_text(f"{os.getpid()}\n")
-        except OSError as exc:
-            print(f"cannot write pidfile {pidfile}: {exc.strerror or exc}", file=sys.stderr)
-            await server.shutdown()
-            return 1
-    if ready is None and not args.quiet:
-        _print_banner(server, config)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     received: list[str] = []
 
     def on_stop(signame: str) -> None:
-        if received and ready is not None:
+        if received and link is not None:
             # A worker: the same SIGTERM often comes twice, from whoever signalled the
             # whole group (systemd, timeout) and from the supervisor. Forcing the exit is
             # the supervisor's call.
@@ -258,14 +255,44 @@ async def serve(
         log.info("SIGUSR1: Reloading")
         start_reload()
 
-    config.runtime.request_reload = request_reload
+    async def reload_from_supervisor(text: str) -> str | None:
+        error = await apply_corefile(server, text, config.file, args, registry)
+        if error is None:
+            start_refreeze(server)
+        return error
+
+    def failed_before_reaching_workers(_why: str) -> None:
+        server.stats.reloads_failed += 1  # what coredns_reload_failed_total counts
+
+    # Signals are handled before anyone is told the server is up (banner, pidfile,
+    # supervisor): a SIGTERM sent as soon as the banner shows is a graceful stop.
     config.runtime.fatal = on_fatal
     loop.add_signal_handler(signal.SIGTERM, on_stop, "SIGTERM")
-    if ready is None:  # a worker leaves Ctrl-C to the supervisor, which forwards it once
+    if link is None:
+        config.runtime.request_reload = request_reload
         loop.add_signal_handler(signal.SIGINT, on_stop, "SIGINT")
-    loop.add_signal_handler(signal.SIGUSR1, on_sigusr1)
-    if ready is not None:  # listening, and signals are handled: the supervisor may go on
-        ready({port: server.port(port) for port in _zero_ports(config)})
+        loop.add_signal_handler(signal.SIGUSR1, on_sigusr1)
+    else:
+        # A worker leaves Ctrl-C (forwarded once as SIGTERM) and reloads to the
+        # supervisor: its reload plugin asks the supervisor, which sends every worker
+        # the same text.
+        config.runtime.request_reload = link.request_reload
+    _freeze_heap()
+    if pidfile:  # before the banner: whoever waits for the banner may read it next
+        try:
+            Path(pidfile).write_text(f"{os.getpid()}\n")
+        except OSError as exc:
+            print(f"cannot write pidfile {pidfile}: {exc.strerror or exc}", file=sys.stderr)
+            await server.shutdown()
+            return 1
+    if link is not None:  # listening, and signals are handled: the supervisor may go on
+        await link.ready(
+            {port: server.port(port) for port in _zero_ports(config)},
+            reload_from_supervisor,
+            failed_before_reaching_workers,
+        )
+    elif not args.quiet:
+        _print_banner(server, config)
     try:
         await stop.wait()
         if not status:
@@ -284,24 +311,54 @@ async def reload(server: Server, args: argparse.Namespace, registry: Registry) -
         return False
     try:
         text, file = read_corefile(args.conf, sys.stdin)
+    except CorefileError as exc:
+        server.stats.reloads_failed += 1
+        log.error("reload failed, keeping the running configuration: %s", exc)
+        return False
+    error = await apply_corefile(server, text, file, args, registry)
+    if error is not None:
+        log.error("reload failed, keeping the running configuration: %s", error)
+        return False
+    log.info("Reloading complete")
+    await _refreeze(server)
+    return True
+
+
+async def apply_corefile(
+    server: Server, text: str, file: str, args: argparse.Namespace, registry: Registry
+) -> str | None:
+    """Load ``text`` and serve it: None once it serves, else why not (counted in
+    ``coredns_reload_failed_total``; the running configuration keeps serving)."""
+    try:
         config = load(text, file, registry, args.port, directory=_directory_of(file), runtime=server.runtime)
         await server.apply(config)
     except (CorefileError, ListenError, EndpointError, OSError) as exc:
         server.stats.reloads_failed += 1
-        log.error("reload failed, keeping the running configuration: %s", exc)
-        return False
+        return str(exc)
     except Exception as exc:  # a bug, not a user error: still never lose the running config
         server.stats.reloads_failed += 1
-        log.error("reload failed, keeping the running configuration: %r", exc, exc_info=exc)
-        return False
-    log.info("Reloading complete")
-    # The replaced configuration may hold reference cycles among frozen objects: once it
-    # is retired, let the collector see everything again, then freeze what is left.
+        log.error("unexpected error while reloading: %r", exc, exc_info=exc)
+        return repr(exc)
+    return None
+
+
+_refreezing: set[asyncio.Task[None]] = set()
+
+
+def start_refreeze(server: Server) -> None:
+    """``_refreeze`` in the background (a worker answers the supervisor first)."""
+    task = asyncio.get_running_loop().create_task(_refreeze(server))
+    _refreezing.add(task)
+    task.add_done_callback(_refreezing.discard)
+
+
+async def _refreeze(server: Server) -> None:
+    """The replaced configuration may hold reference cycles among frozen objects: once
+    it is retired, let the collector see everything again, then freeze what is left."""
     if server.retiring:
         await asyncio.wait(set(server.retiring))
     gc.unfreeze()
     _freeze_heap()
-    return True
 
 
 def _freeze_heap() -> None:

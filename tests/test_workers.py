@@ -19,6 +19,7 @@ import dns.query
 import psutil
 import pytest
 
+import tests.test_cli
 from tests.helpers import LOOPBACK, wait_for
 from tests.test_cli import COMMAND, Process
 from tests.test_endpoints import free_port
@@ -98,8 +99,7 @@ async def test_sigusr1_reloads_every_worker(tmp_path: Path, servers: list[Proces
     process = start(corefile, WHOAMI, servers)
     corefile.write_text(f".:{process.port} {{\n bind 127.0.0.1\n erratic\n}}\n")
     process.proc.send_signal(signal.SIGUSR1)
-    process.wait_for_line(r"Reloading complete")
-    process.wait_for_line(r"Reloading complete")  # the second worker's
+    process.wait_for_line(r"Reloading complete")  # the supervisor's, once every worker serves it
     # Whichever worker a source port lands on, the new configuration answers.
     for reply in query_from_many_ports(process.port):
         assert reply.answer and reply.answer[0][0].address == "192.0.2.53"
@@ -211,3 +211,274 @@ def test_bad_worker_counts_are_usage_errors(count: str) -> None:
     result = subprocess.run([*COMMAND, "-workers", count], capture_output=True, text=True, timeout=30)
     assert result.returncode == 2
     assert "invalid number of workers" in result.stderr
+
+
+# -- reloads, restarts and signals at awkward moments ---------------------------------------
+
+
+def erratic_at(port: int, extra: str = "") -> str:
+    return f".:{port} {{\n bind 127.0.0.1\n{extra} erratic\n}}\n"
+
+
+def assert_all_erratic(port: int) -> None:
+    """Whichever worker a source port lands on, erratic answers (the reloaded Corefile)."""
+    for reply in query_from_many_ports(port):
+        assert reply.answer and reply.answer[0][0].address == "192.0.2.53"
+
+
+def patched_command(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, patch: str) -> None:
+    """Run ``resolver`` as a script that first applies ``patch``: real processes and
+    signals, with a window of the supervisor or a worker made wide enough to hit."""
+    script = tmp_path / "patched_resolver.py"
+    script.write_text(f"import sys\n{patch}\nfrom resolver.cli import main\n\nsys.exit(main(sys.argv[1:]))\n")
+    monkeypatch.setattr(tests.test_cli, "COMMAND", [sys.executable, str(script)])
+
+
+class LateBanner(Process):
+    """A server whose banner comes late (a worker starts slowly): its port is the one
+    its Corefile names, not read from the banner."""
+
+    def __init__(self, corefile: Path, port: int, *extra: str) -> None:
+        command = [*tests.test_cli.COMMAND, "-conf", str(corefile), "-workers", "2", *extra]
+        self.proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        self.matched: set[int] = set()
+        self.signalled = False
+        self.port = port
+
+
+def start_slowly(path: Path, servers: list[Process], *extra: str) -> LateBanner:
+    port = free_port()
+    path.write_text(f".:{port} {{\n bind 127.0.0.1\n whoami\n}}\n")
+    process = LateBanner(path, port, *extra)
+    servers.append(process)
+    return process
+
+
+SLOW_START = """
+import asyncio, os, resolver.server, resolver.workers
+
+_apply = resolver.server.Server.apply
+
+async def apply(self, config):
+    # A worker after the first (no HTTP endpoints), starting: it waits for the test's go.
+    if isinstance(self.runtime.http, resolver.workers.NoHTTPEndpoints) and self.config is None:
+        print("worker starting slowly", flush=True)
+        while not os.path.exists(os.environ["GO"]):
+            await asyncio.sleep(0.02)
+    return await _apply(self, config)
+
+resolver.server.Server.apply = apply
+"""
+
+
+async def test_a_worker_restarted_after_a_reload_serves_the_reloaded_corefile(
+    tmp_path: Path, servers: list[Process]
+) -> None:
+    corefile = tmp_path / "Corefile"
+    process = start(corefile, WHOAMI, servers)
+    process.wait_for_line(r", 2 workers$")
+    corefile.write_text(erratic_at(process.port))
+    process.proc.send_signal(signal.SIGUSR1)
+    process.wait_for_line(r"\[INFO\] Reloading complete")
+    victim = workers_of(process)[0]
+    os.kill(victim, signal.SIGKILL)
+    process.wait_for_line(r"worker \d restarted", timeout=30)
+    await wait_for(lambda: len(workers_of(process)) == 2 and victim not in workers_of(process), timeout=30)
+    assert_all_erratic(process.port)
+    assert process.stop() == 0
+
+
+async def test_a_reload_asked_while_a_worker_starts_reaches_it(
+    tmp_path: Path, servers: list[Process], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    go = tmp_path / "go"
+    monkeypatch.setenv("GO", str(go))
+    patched_command(monkeypatch, tmp_path, SLOW_START)
+    corefile = tmp_path / "Corefile"
+    process = start_slowly(corefile, servers)
+    process.wait_for_line(r"worker starting slowly", timeout=30)
+    corefile.write_text(erratic_at(process.port))
+    process.proc.send_signal(signal.SIGUSR1)
+    process.wait_for_line(r"SIGUSR1: Reloading", timeout=30)  # the supervisor has it
+    go.touch()
+    process.wait_for_line(r", 2 workers$", timeout=30)
+    process.wait_for_line(r"\[INFO\] Reloading complete", timeout=30)
+    assert_all_erratic(process.port)
+    assert process.stop() == 0
+
+
+async def test_a_stop_while_a_worker_starts_stops_every_worker_with_status_0(
+    tmp_path: Path, servers: list[Process], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GO", str(tmp_path / "never"))
+    patched_command(monkeypatch, tmp_path, SLOW_START)
+    process = start_slowly(tmp_path / "Corefile", servers, "-pidfile", str(tmp_path / "pid"))
+    process.wait_for_line(r"worker starting slowly", timeout=30)
+    workers = workers_of(process)
+    assert len(workers) == 2
+    process.signal(signal.SIGTERM)
+    assert process.stop() == 0  # a stop asked for, not a failure to start
+    # The supervisor waited for every worker: none is left serving the port.
+    assert not [pid for pid in workers if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+    assert not [line for line in process.lines if "2 workers" in line]
+    assert not (tmp_path / "pid").exists()
+
+
+async def test_a_stop_landing_between_fork_and_registration_reaches_the_new_worker(
+    tmp_path: Path, servers: list[Process], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SIGTERM that comes while a crashed worker is forked again must reach that worker
+    too: the supervisor exits 0 instead of waiting for it for ever."""
+    patched_command(
+        monkeypatch,
+        tmp_path,
+        "import os, signal\n"
+        "_fork = os.fork\n"
+        "forks = []\n"
+        "def fork():\n"
+        "    pid = _fork()\n"
+        "    if pid:\n"
+        "        forks.append(pid)\n"
+        "        if len(forks) == 3:  # the restart of the killed worker\n"
+        "            os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return pid\n"
+        "os.fork = fork\n",
+    )
+    process = start(tmp_path / "Corefile", WHOAMI, servers)
+    process.wait_for_line(r", 2 workers$", timeout=30)
+    victim = workers_of(process)[0]
+    os.kill(victim, signal.SIGKILL)
+    process.signalled = True  # the patch sends the SIGTERM
+    assert process.proc.wait(timeout=60) == 0
+    await wait_for(lambda: not _children(process.proc.pid), timeout=30)
+
+
+async def test_a_reload_worker_0_cannot_serve_changes_no_worker(tmp_path: Path, servers: list[Process]) -> None:
+    """A port only worker 0 binds (metrics) is taken: the reload fails for the whole
+    server, counted in worker 0's coredns_reload_failed_total, and every worker keeps the
+    running configuration."""
+    corefile = tmp_path / "Corefile"
+    metrics = free_port()
+    process = start(corefile, f".:0 {{\n bind 127.0.0.1\n prometheus 127.0.0.1:{metrics}\n whoami\n}}\n", servers)
+    process.wait_for_line(r", 2 workers$")
+    with socket.socket() as taken:
+        taken.bind((LOOPBACK, 0))
+        taken.listen()
+        corefile.write_text(erratic_at(process.port, f" prometheus 127.0.0.1:{taken.getsockname()[1]}\n"))
+        process.proc.send_signal(signal.SIGUSR1)
+        failed = process.wait_for_line(r"\[ERROR\] reload failed, keeping the running configuration: (.*)")
+        assert "Address already in use" in failed.group(1)
+        for reply in query_from_many_ports(process.port):
+            assert reply.additional and not reply.answer  # whoami everywhere
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/metrics", timeout=5) as response:
+        assert b"coredns_reload_failed_total 1.0" in response.read()
+    assert process.stop() == 0
+    assert not [line for line in process.lines if "Reloading complete" in line]
+
+
+async def test_a_worker_that_cannot_take_a_reload_is_replaced_by_one_that_serves_it(
+    tmp_path: Path, servers: list[Process], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    patched_command(
+        monkeypatch,
+        tmp_path,
+        "import resolver.server, resolver.workers\n"
+        "_apply = resolver.server.Server.apply\n"
+        "async def apply(self, config):\n"
+        "    # A reload, in a worker after the first (no HTTP endpoints)\n"
+        "    if isinstance(self.runtime.http, resolver.workers.NoHTTPEndpoints) and self.config is not None:\n"
+        "        raise resolver.server.ListenError('no reload for this worker')\n"
+        "    return await _apply(self, config)\n"
+        "resolver.server.Server.apply = apply\n",
+    )
+    corefile = tmp_path / "Corefile"
+    process = start(corefile, WHOAMI, servers)
+    process.wait_for_line(r", 2 workers$", timeout=30)
+    await wait_for(lambda: len(workers_of(process)) == 2)
+    before = workers_of(process)
+    corefile.write_text(erratic_at(process.port))
+    process.proc.send_signal(signal.SIGUSR1)
+    replaced = process.wait_for_line(
+        r"\[ERROR\] worker 1 \(PID (\d+)\) cannot serve the reloaded configuration \(no reload for this worker\)",
+        timeout=30,
+    )
+    process.wait_for_line(r"\[INFO\] Reloading complete", timeout=30)
+    old = int(replaced.group(1))
+    assert old in before
+    await wait_for(lambda: len(workers_of(process)) == 2 and old not in workers_of(process), timeout=30)
+    assert_all_erratic(process.port)
+    assert process.stop() == 0
+
+
+async def test_a_worker_exiting_0_unasked_is_started_again(tmp_path: Path, servers: list[Process]) -> None:
+    pidfile = tmp_path / "pid"
+    process = start(tmp_path / "Corefile", WHOAMI, servers, "-pidfile", str(pidfile))
+    process.wait_for_line(r", 2 workers$")
+    assert pidfile.read_text() == f"{process.proc.pid}\n"  # the supervisor's
+    victim = workers_of(process)[1]
+    os.kill(victim, signal.SIGTERM)  # it stops cleanly, status 0, as if asked
+    process.wait_for_line(r"exited though no one asked it to stop", timeout=30)
+    process.wait_for_line(r"worker \d restarted", timeout=30)
+    await wait_for(lambda: len(workers_of(process)) == 2 and victim not in workers_of(process), timeout=30)
+    assert process.proc.poll() is None
+    for reply in query_from_many_ports(process.port):
+        assert reply.rcode() == 0 and reply.additional
+    assert pidfile.exists()
+    assert process.stop() == 0
+    assert not pidfile.exists()
+
+
+async def test_the_supervisor_holds_no_configuration_its_workers_inherit(
+    tmp_path: Path, servers: list[Process], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    patched_command(
+        monkeypatch,
+        tmp_path,
+        "import gc, resolver.workers\n"
+        "from resolver.config import Config\n"
+        "from resolver.plugin import Plugin\n"
+        "_start = resolver.workers.Supervisor.start\n"
+        "def start(self):\n"
+        "    gc.unfreeze()\n"
+        "    gc.collect()\n"
+        "    held = [o for o in gc.get_objects() if isinstance(o, (Config, Plugin))]\n"
+        "    print(f'supervisor holds {len(held)} configuration objects', flush=True)\n"
+        "    gc.freeze()\n"
+        "    return _start(self)\n"
+        "resolver.workers.Supervisor.start = start\n",
+    )
+    corefile = ".:0 {\n bind 127.0.0.1\n errors\n prometheus 127.0.0.1:0\n cache\n whoami\n}\n"
+    process = start(tmp_path / "Corefile", corefile, servers)
+    held = process.wait_for_line(r"supervisor holds (\d+) configuration objects", timeout=30)
+    assert held.group(1) == "0"
+    process.wait_for_line(r", 2 workers$", timeout=30)
+    assert process.stop() == 0
+
+
+def test_kubernetes_with_workers_warns_of_the_repeated_watches(tmp_path: Path) -> None:
+    manifests = tmp_path / "manifests"
+    manifests.mkdir()
+    corefile = tmp_path / "Corefile"
+    corefile.write_text(f".:0 {{\n bind 127.0.0.1\n kubernetes cluster.local {{\n  manifests {manifests}\n }}\n}}\n")
+    process = Process(corefile, "-workers", "2")
+    try:
+        process.wait_for_line(r", 2 workers$", timeout=30)
+        warning = [line for line in process.lines if line.startswith("[WARNING] kubernetes with -workers 2")]
+        assert len(warning) == 1 and "2 times the watches" in warning[0]
+    finally:
+        assert process.stop() == 0
+
+
+async def test_the_reload_plugin_reloads_every_worker_once(tmp_path: Path, servers: list[Process]) -> None:
+    """Each worker's reload plugin sees the change and asks the supervisor, which reloads
+    all workers with one reading of the file, once."""
+    corefile = tmp_path / "Corefile"
+    process = start(corefile, ".:0 {\n bind 127.0.0.1\n reload 2s 0\n whoami\n}\n", servers)
+    process.wait_for_line(r", 2 workers$")
+    corefile.write_text(erratic_at(process.port, " reload 2s 0\n"))
+    process.wait_for_line(r"\[INFO\] Reloading complete", timeout=30)
+    assert_all_erratic(process.port)
+    assert process.stop() == 0
+    assert len([line for line in process.lines if "Reloading complete" in line]) == 1
+    assert len([line for line in process.lines if line == "[INFO] Reloading"]) == 1
