@@ -7,7 +7,7 @@ Flags take one dash, as in CoreDNS (two work as well). Without ``-conf`` the ser
 exits 1; SIGTERM or SIGINT shut down gracefully and exit 0; SIGUSR1 reloads the Corefile,
 keeping the running configuration if the new one does not load. ``-workers N`` serves
 from N processes sharing the ports (``resolver.workers``); signals go to the first
-process, which passes them on.
+process, which passes stops on and runs reloads for all of them.
 """
 
 from __future__ import annotations

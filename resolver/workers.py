@@ -304,13 +304,15 @@ class Supervisor:
             except ValueError:
                 log.error("worker %d (PID %d): bad control message %r", worker.index, worker.pid, line[:80])
                 continue
-            if isinstance(message, dict):
+            try:
                 self._message(worker, message)
+            except (TypeError, ValueError, AttributeError) as exc:  # a worker's bug must not end the supervisor
+                log.error("worker %d (PID %d): bad control message %r: %s", worker.index, worker.pid, line[:80], exc)
 
     def _message(self, worker: Worker, message: dict[str, Any]) -> None:
         if "ready" in message and not worker.ready:
-            ports = message["ready"]
-            self._on_ready(worker, {int(key): int(value) for key, value in dict(ports).items()})
+            ports = {int(key): int(value) for key, value in dict(message["ready"]).items()}
+            self._on_ready(worker, ports)
         elif "reloaded" in message:
             self._on_reloaded(worker, message["reloaded"])
         elif message.get("request") == "reload" and self.reload_wanted is None:
@@ -466,8 +468,10 @@ class Supervisor:
                 return  # another worker's reload plugin asked for this text already
             log.info("Reloading")
         self.tried = text
+        if not self._send(first, {"reload": text}):
+            log.error("reload failed, keeping the running configuration: worker 0 cannot be reached")
+            return
         self.reloading = Reloading(text, "first", {first})
-        self._send(first, {"reload": text})
 
     def _on_reloaded(self, worker: Worker, error: object) -> None:
         reloading = self.reloading
@@ -482,9 +486,11 @@ class Supervisor:
             # Worker 0 serves it: it is now the server's configuration.
             self.text = reloading.text
             reloading.phase = "rest"
-            reloading.waiting = {w for w in self.workers.values() if w is not worker and not w.retiring}
-            for other in reloading.waiting:
-                self._send(other, {"reload": reloading.text})
+            for other in [w for w in self.workers.values() if w is not worker and not w.retiring]:
+                if self._send(other, {"reload": reloading.text}):
+                    reloading.waiting.add(other)
+                else:
+                    reloading.failed.append((other, "its control channel is closed"))
         elif error is not None:
             reloading.failed.append((worker, str(error)))
         if not reloading.waiting:
@@ -541,11 +547,13 @@ class Supervisor:
         with contextlib.suppress(ProcessLookupError):
             os.kill(worker.pid, signum)
 
-    def _send(self, worker: Worker, message: dict[str, Any]) -> None:
+    def _send(self, worker: Worker, message: dict[str, Any]) -> bool:
+        """Queue ``message`` for ``worker``; False if its control socket is closed."""
         if worker.sock is None:
-            return
+            return False
         worker.outbox += json.dumps(message).encode() + b"\n"
         self._flush(worker)
+        return True
 
     def _flush(self, worker: Worker) -> None:
         """Write what the socket takes now; the rest when it is writable again."""

@@ -329,7 +329,8 @@ async def test_a_stop_landing_between_fork_and_registration_reaches_the_new_work
     tmp_path: Path, servers: list[Process], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A SIGTERM that comes while a crashed worker is forked again must reach that worker
-    too: the supervisor exits 0 instead of waiting for it for ever."""
+    too: the supervisor exits 0 instead of waiting for it for ever. And a new worker
+    starts with the signals blocked, so none runs the supervisor's handlers in it."""
     patched_command(
         monkeypatch,
         tmp_path,
@@ -338,7 +339,10 @@ async def test_a_stop_landing_between_fork_and_registration_reaches_the_new_work
         "forks = []\n"
         "def fork():\n"
         "    pid = _fork()\n"
-        "    if pid:\n"
+        "    if not pid:\n"
+        "        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, [])\n"
+        "        print('worker forked, signals blocked:', {signal.SIGTERM, signal.SIGUSR1} <= blocked, flush=True)\n"
+        "    else:\n"
         "        forks.append(pid)\n"
         "        if len(forks) == 3:  # the restart of the killed worker\n"
         "            os.kill(os.getpid(), signal.SIGTERM)\n"
@@ -350,8 +354,10 @@ async def test_a_stop_landing_between_fork_and_registration_reaches_the_new_work
     victim = workers_of(process)[0]
     os.kill(victim, signal.SIGKILL)
     process.signalled = True  # the patch sends the SIGTERM
-    assert process.proc.wait(timeout=60) == 0
+    assert process.stop() == 0
     await wait_for(lambda: not _children(process.proc.pid), timeout=30)
+    forked = [line for line in process.lines if line.startswith("worker forked")]
+    assert forked == ["worker forked, signals blocked: True"] * 3
 
 
 async def test_a_reload_worker_0_cannot_serve_changes_no_worker(tmp_path: Path, servers: list[Process]) -> None:
