@@ -10,7 +10,8 @@ dnsperf once through the file at saturation, printing one line per round:
 * queries per second, queries lost, CPU seconds per 100k queries,
 * the lowest and highest of dnsperf's per-second rates (``-S 1``): a stall (a second in
   which the server answered little) shows as a low minimum,
-* the share of queries that needed a new UDP socket (forward's connection-cache misses),
+* the share of queries that needed a new UDP socket (forward's connection-cache misses)
+  and the upstream packets forward ignored (not the answer to a query waiting),
 * the load average before the round (the machine may be shared: compare rounds of one
   run only).
 
@@ -20,7 +21,7 @@ miss spends its time can be read off with ``sort -t' ' -k2 -n``. py-spy leaves o
 system calls; ``--perf FILE`` records the last round with ``perf record -g`` instead, and
 on Python 3.12+ starts the server with ``-X perf`` so that perf names the Python functions
 (kernel time included): ``perf report -i FILE --no-children --sort sym``. ``--rate N``
-runs at a fixed rate instead of saturation (``-Q N``). Loopback only, bounded in time;
+runs at a fixed rate instead of saturation (``-Q N``) and adds p50/p99 latency. Loopback only, bounded in time;
 everything started is stopped by PID.
 """
 
@@ -47,7 +48,7 @@ from bench.compare import (
     tree_cpu_seconds,
     wait_answering,
 )
-from bench.core import CLIENT_CPU, SERVER_CPU, lost, qps
+from bench.core import CLIENT_CPU, SERVER_CPU, lost, percentiles, qps
 
 NAMES_PER_SECOND = 60_000  # more than any run here answers: no name is asked twice
 
@@ -71,7 +72,7 @@ def dnsperf(port: int, queries: Path, seconds: float, rate: int | None) -> str:
     command = ["taskset", "-c", CLIENT_CPU, "dnsperf", "-s", "127.0.0.1", "-p", str(port), "-d", str(queries)]
     command += ["-l", str(seconds), "-c", "4", "-q", "500", "-n", "1", "-S", "1"]
     if rate:
-        command += ["-Q", str(rate)]
+        command += ["-Q", str(rate), "-v"]  # -v: one line per query, for percentiles
     return subprocess.run(command, capture_output=True, text=True, timeout=seconds + 30).stdout
 
 
@@ -86,19 +87,21 @@ def completed(output: str) -> int:
     return int(match.group(1)) if match else 0
 
 
-def udp_sockets(corefile: Path) -> tuple[float, float]:
-    """forward's UDP connection-cache (hits, misses) from /metrics: how often a query
-    found a pooled socket, and how often it needed a new one."""
+def udp_sockets(corefile: Path) -> tuple[float, float, float]:
+    """From /metrics: forward's UDP connection-cache hits and misses (how often a query
+    found a pooled socket, and how often it needed a new one), and the upstream packets
+    it ignored (each one closes a socket)."""
     port = re.search(r"prometheus 127.0.0.1:(\d+)", corefile.read_text())
     if port is None:
-        return (0.0, 0.0)
+        return (0.0, 0.0, 0.0)
     with urllib.request.urlopen(f"http://127.0.0.1:{port.group(1)}/metrics", timeout=5) as response:
         text = response.read().decode()
     counts = []
     for kind in ("hits", "misses"):
         match = re.search(rf'^coredns_proxy_conn_cache_{kind}_total{{[^}}]*proto="udp"[^}}]*}} ([\d.e+]+)$', text, re.M)
         counts.append(float(match.group(1)) if match else 0.0)
-    return counts[0], counts[1]
+    ignored = re.findall(r"^corefile_resolver_forward_ignored_replies_total{[^}]*} ([\d.e+]+)$", text, re.M)
+    return counts[0], counts[1], sum(float(value) for value in ignored)
 
 
 def one_round(args: argparse.Namespace, procs: Processes, upstream: int, queries: Path, last: bool) -> dict[str, float]:
@@ -131,13 +134,19 @@ def one_round(args: argparse.Namespace, procs: Processes, upstream: int, queries
         used = tree_cpu_seconds(proc.pid) - before
         rates = per_second(output)
         sockets = udp_sockets(where / "Corefile")
+        latency = {}
+        if args.rate:
+            p50, p99 = percentiles(output)
+            latency = {"p50_ms": round(p50, 3), "p99_ms": round(p99, 3)}
         return {
+            **latency,
             "qps": round(qps(output)),
             "lost_pct": lost(output),
             "cpu_s_per_100k": round(used / max(completed(output), 1) * 100_000, 2),
             "min_qps_1s": round(min(rates)) if rates else 0,
             "max_qps_1s": round(max(rates)) if rates else 0,
-            "new_sockets_pct": round(100 * sockets[1] / max(sum(sockets), 1), 2),
+            "new_sockets_pct": round(100 * sockets[1] / max(sockets[0] + sockets[1], 1), 2),
+            "ignored_replies": int(sockets[2]),
             "load1": round(load, 2),
         }
     finally:
