@@ -52,7 +52,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -250,8 +250,9 @@ class Processes:
             self.stop(proc)
 
 
-def tree_cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process and its live descendants (workers, TCP children)."""
+def _tree_sum(pid: int, measure: Callable[[psutil.Process], float]) -> float:
+    """``measure`` summed over a process and its live descendants (workers, TCP children);
+    a process that ends while being measured counts nothing."""
     try:
         root = psutil.Process(pid)
         procs = [root, *root.children(recursive=True)]
@@ -260,35 +261,21 @@ def tree_cpu_seconds(pid: int) -> float:
     total = 0.0
     for proc in procs:
         with contextlib.suppress(psutil.Error):
-            times = proc.cpu_times()
-            total += times.user + times.system
+            total += measure(proc)
     return total
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and its live descendants."""
+    return _tree_sum(pid, lambda proc: sum(proc.cpu_times()[:2]))
+
+
 def tree_rss_mb(pid: int) -> float:
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.Error:
-        return 0.0
-    total = 0
-    for proc in procs:
-        with contextlib.suppress(psutil.Error):
-            total += proc.memory_info().rss
-    return round(total / 2**20, 1)
+    return round(_tree_sum(pid, lambda proc: proc.memory_info().rss) / 2**20, 1)
 
 
 def tree_pss_mb(pid: int) -> float:
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.Error:
-        return 0.0
-    total = 0
-    for proc in procs:
-        with contextlib.suppress(psutil.Error):
-            total += proc.memory_full_info().pss
-    return round(total / 2**20, 1)
+    return round(_tree_sum(pid, lambda proc: proc.memory_full_info().pss) / 2**20, 1)
 
 
 def free_port() -> int:
