@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from resolver.config import ServerBlock
@@ -105,6 +106,14 @@ class Errors(Plugin):
         answered without running the chain: ``resolver.server.fast_path``)."""
         if reply.error is not None:
             self._report(req, reply.rcode, reply.error)
+
+    def tally(self, req: Request, reply: Reply) -> Callable[[float], None] | None:
+        """``observe`` for repeats of the same reply (the server's memo,
+        ``resolver.memo``): nothing to do for a reply without error."""
+        if reply.error is None:
+            return None
+        rcode, error = reply.rcode, reply.error
+        return lambda _elapsed: self._report(req, rcode, error)
 
     async def stop(self) -> None:
         # As CoreDNS does on shutdown: log what is pending now, and every later error

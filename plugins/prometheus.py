@@ -35,6 +35,7 @@ from __future__ import annotations
 import functools
 import platform
 from bisect import bisect_left
+from collections.abc import Callable
 from time import perf_counter
 from typing import Any
 
@@ -260,6 +261,40 @@ class Prometheus(Plugin):
                 labels = responses[outcome] = (*zone_labels, rcode_name(outcome[0]), outcome[1])
             counts = self._response_counts
             counts[labels] = counts.get(labels, 0.0) + 1.0
+
+    def tally(self, req: Request, reply: Reply) -> Callable[[float], None]:
+        """For the server's memo (``resolver.memo``): ``observe(req, reply, elapsed)``
+        again for repeats of the same query bytes answered with the same bytes, with
+        every label and histogram slot looked up now, once."""
+        question = req.question
+        key = (req.server, req.zone, req.transport, question.qtype, len(req.client))
+        request_labels, zone_labels, duration, request_size, response_size, responses = self._series.get(
+            key
+        ) or self._new_series(key, req)
+        asked = len(req.wire)
+        asked_slot = self._request_slot[asked]
+        data = reply.wire
+        answered = len(data)
+        answered_slot = self._response_slot[answered] if answered <= MAX_MESSAGE else -2
+        outcome = (data[3] & 0x0F if reply.parsed is None else reply.rcode, reply.plugin)
+        response_labels = responses.get(outcome) or (*zone_labels, rcode_name(outcome[0]), outcome[1])
+        request_counts, response_counts = self._request_counts, self._response_counts
+        bounds = self._duration_bounds
+        do_requests = self.do_requests if question.do else None
+
+        def count(elapsed: float) -> None:
+            request_counts[request_labels] = request_counts.get(request_labels, 0.0) + 1.0
+            duration[bisect_left(bounds, elapsed)] += 1.0
+            duration[-1] += elapsed
+            request_size[asked_slot] += 1.0
+            request_size[-1] += asked
+            if do_requests is not None:
+                do_requests.inc(zone_labels)
+            response_size[answered_slot] += 1.0
+            response_size[-1] += answered
+            response_counts[response_labels] = response_counts.get(response_labels, 0.0) + 1.0
+
+        return count
 
     def _new_series(self, key: SeriesKey, req: Request) -> Series:
         if len(self._series) >= MAX_SERIES_CACHE:

@@ -36,6 +36,7 @@ from dnslib import DNSError
 from resolver import wire
 from resolver.config import WILDCARD_HOSTS, Config, ServerBlock
 from resolver.logs import core_logger
+from resolver.memo import Memo, Replay, Tally, again_function
 from resolver.plugin import Handler
 from resolver.reply import Reply
 from resolver.request import TCP, UDP, Request
@@ -99,7 +100,30 @@ else:
 Observe = Callable[[Request, Reply, float], None]
 
 
-def fast_path(handler: Handler) -> FastPath | None:
+class Shortcut:
+    """A block's fast path, and what it takes to remember its answers (``Memo``).
+
+    ``answer`` is the fast path (``fast_path``). ``replay`` and ``tallies`` are set when
+    every plugin on it can also hand out a function that repeats one of its replies for
+    the same query bytes: the answering plugin's ``replay(req, reply)`` and each
+    observer's ``tally(req, reply)``, innermost first. Without them (None), nothing the
+    fast path answers is remembered.
+    """
+
+    __slots__ = ("answer", "replay", "tallies")
+
+    def __init__(
+        self,
+        answer: FastPath,
+        replay: Callable[[Request, Reply], Replay | None] | None = None,
+        tallies: tuple[Callable[[Request, Reply], Tally | None], ...] = (),
+    ) -> None:
+        self.answer = answer
+        self.replay = replay
+        self.tallies = tallies
+
+
+def fast_path(handler: Handler) -> Shortcut | None:
     """A synchronous stand-in for the chain ``handler`` for the queries one plugin can
     answer at once, or None when the chain has no such shortcut.
 
@@ -119,6 +143,8 @@ def fast_path(handler: Handler) -> FastPath | None:
     server how to finish as the chain would (see there): no plugin runs twice.
     """
     observers: list[tuple[Observe, functools.partial[Any]]] = []  # front first
+    tallies: list[Callable[[Request, Reply], Tally | None]] = []
+    remembers = True
     while isinstance(handler, functools.partial):  # as ServerBlock.link builds the chain
         plugin = getattr(handler.func, "__self__", None)
         rest = handler.keywords.get("next")
@@ -126,10 +152,17 @@ def fast_path(handler: Handler) -> FastPath | None:
             return None
         role = fast_role(plugin, handler.func)
         if role == "serve_at_once":
-            return _compose(plugin.serve_at_once, rest, observers)
+            answer = _compose(plugin.serve_at_once, rest, observers)
+            if not (remembers and defines(plugin, "replay")):
+                return Shortcut(answer)
+            return Shortcut(answer, plugin.replay, tuple(reversed(tallies)))
         if role != "observe":
             return None
         observers.append((plugin.observe, handler))
+        if defines(plugin, "tally"):
+            tallies.append(plugin.tally)
+        else:
+            remembers = False
         handler = rest
     return None
 
@@ -149,6 +182,16 @@ def fast_role(plugin: object, serve: object) -> str | None:
                 return "serve_at_once"
             return "observe" if "observe" in namespace else None
     return None
+
+
+def defines(plugin: object, method: str) -> bool:
+    """Whether the class that defines ``plugin``'s ``serve`` also defines ``method``
+    (``replay``, ``tally``): written next to it, so made to agree with it."""
+    for cls in type(plugin).__mro__:
+        namespace = vars(cls)
+        if "serve" in namespace:
+            return method in namespace
+    return False
 
 
 class Unwound(Exception):
@@ -272,6 +315,8 @@ class Listener:
         self.udp: asyncio.DatagramTransport | None = None
         self.tcp: asyncio.Server | None = None
         self.connections: set[TCPConnection] = set()
+        #: Answers remembered for repeats of UDP queries (``resolver.memo``).
+        self.memo = Memo()
 
     def __repr__(self) -> str:
         return f"<Listener {self.host}:{self.bound_port}>"
@@ -304,8 +349,11 @@ class Listener:
         self.tcp = await loop.create_server(lambda: TCPConnection(self), sock=tcp_socket, backlog=1024)
         self.bound_port = port
 
-    def handle(self, data: bytes, client: Any, transport: str, send: SendTo) -> asyncio.Task[Any] | None:
-        """Answer one raw query; returns the Task when the chain had to wait."""
+    def handle(
+        self, data: bytes, client: Any, transport: str, send: SendTo, memo: Memo | None = None
+    ) -> asyncio.Task[Any] | None:
+        """Answer one raw query; returns the Task when the chain had to wait. With a
+        ``memo``, a fast-path answer is remembered there for repeats of ``data``."""
         stats = self.server.stats
         if len(data) < wire.HEADER_SIZE:
             stats.dropped_short += 1
@@ -345,7 +393,7 @@ class Listener:
                 return None
             zone, block = found
             req = Request(data, question, client, transport, self.label, zone, qname)
-        return self.server.run(block, req, send)
+        return self.server.run(block, req, send, memo)
 
     @staticmethod
     def _rejection(data: bytes, rcode: int) -> bytes:
@@ -372,10 +420,14 @@ class Listener:
 
 
 class UDPProtocol(asyncio.DatagramProtocol):
-    """One UDP socket: every datagram is a query, every reply one sendto."""
+    """One UDP socket: every datagram is a query, every reply one sendto.
+
+    A datagram whose bytes after the ID were answered before by the fast path is looked
+    up in the listener's memo first and answered from there (``resolver.memo``)."""
 
     def __init__(self, listener: Listener) -> None:
         self.listener = listener
+        self.remembered = listener.memo.table  # cleared in place, never replaced
         self.sendto: SendTo = lambda data, addr: None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -385,11 +437,27 @@ class UDPProtocol(asyncio.DatagramProtocol):
         listener = self.listener
         if listener.closing:
             return
+        again = self.remembered.get(data[2:])
+        if again is not None and self._again(again, data, addr):
+            return
         try:
-            listener.handle(data, addr, UDP, self.sendto)
+            listener.handle(data, addr, UDP, self.sendto, listener.memo)
         except Exception:
             listener.server.stats.panics += 1
             log.exception("unexpected error handling a UDP query from %s", addr)
+
+    def _again(self, again: Any, data: bytes, addr: Any) -> bool:
+        """Answer from the memo; False (and the entry forgotten) when it cannot. A bug
+        there is logged and the query goes the usual way: it is answered, though what the
+        remembered function counted before failing may then be counted twice."""
+        try:
+            if again(data, addr):
+                return True
+        except Exception:
+            self.listener.server.stats.panics += 1
+            log.exception("unexpected error answering a UDP query from %s from the memo", addr)
+        self.listener.memo.forget(data)
+        return False
 
     def error_received(self, exc: Exception) -> None:
         # ICMP errors for earlier replies (client port closed): nothing to do.
@@ -575,21 +643,22 @@ class Server:
         self.stopped = asyncio.Event()
         #: A block's chain handler -> its fast path (None: it has none). Keyed by handler,
         #: so a chain relinked at runtime (loop leaving it) gets its own.
-        self._fast: dict[Handler, FastPath | None] = {}
+        self._fast: dict[Handler, Shortcut | None] = {}
         self.fast_paths = fast_paths  # False: every query runs the chain (tests compare)
 
     # -- running queries -------------------------------------------------------------
 
-    def run(self, block: ServerBlock, req: Request, send: SendTo) -> asyncio.Task[Any] | None:
-        """Run ``block``'s chain for ``req``; returns the Task if the answer is still to come."""
+    def run(self, block: ServerBlock, req: Request, send: SendTo, memo: Memo | None = None) -> asyncio.Task[Any] | None:
+        """Run ``block``'s chain for ``req``; returns the Task if the answer is still to
+        come. A fast-path answer is remembered in ``memo`` (UDP) when it can be."""
         handler = block.handler
         try:
-            fast = self._fast[handler]
+            shortcut = self._fast[handler]
         except KeyError:
-            fast = self._fast[handler] = fast_path(handler) if self.fast_paths else None
-        if fast is not None:
+            shortcut = self._fast[handler] = fast_path(handler) if self.fast_paths else None
+        if shortcut is not None:
             try:
-                reply = fast(req)
+                reply = shortcut.answer(req)
             except Unwound as failure:
                 handler = failure.handler()  # the rest of the chain's unwinding; it raises
             else:
@@ -598,6 +667,9 @@ class Server:
                         self.deliver(req, reply, send)
                     except Exception:
                         self._last_resort(req, send)
+                    else:
+                        if memo is not None and shortcut.replay is not None:
+                            self._remember(memo, block, handler, shortcut, req, reply, send)
                     return None
         task = start_task(self.loop or asyncio.get_running_loop(), handler(req))
         if task.done():
@@ -606,6 +678,32 @@ class Server:
         self.in_flight.add(task)
         task.add_done_callback(functools.partial(self._on_done, req=req, send=send))
         return task
+
+    def _remember(
+        self,
+        memo: Memo,
+        block: ServerBlock,
+        handler: Handler,
+        shortcut: Shortcut,
+        req: Request,
+        reply: Reply,
+        send: SendTo,
+    ) -> None:
+        """Remember how to answer repeats of ``req``'s bytes as ``reply`` was answered, if
+        every plugin on the fast path can say how (``Shortcut``). Replies cut for the
+        client's UDP size are not remembered (``deliver`` would have to cut each again)."""
+        if reply.packed is None or len(reply.packed) > req.question.udp_size:
+            return
+        assert shortcut.replay is not None
+        try:
+            replay = shortcut.replay(req, reply)
+            if replay is None:
+                return
+            tallies = tuple(tally for make in shortcut.tallies if (tally := make(req, reply)) is not None)
+        except Exception:
+            log.exception("cannot remember the answer to %r", req)
+            return
+        memo.remember(req.wire, again_function(block, handler, replay, tallies, send))
 
     def _on_done(self, task: asyncio.Task[Any], req: Request, send: SendTo) -> None:
         self.in_flight.discard(task)
@@ -689,6 +787,7 @@ class Server:
         for key, listener in self.listeners.items():
             if key in routes:
                 listener.router = Router(routes[key])
+            listener.memo.clear()  # remembered answers belong to the old chains
         old, self.config = self.config, config
         self._fast.clear()  # only the new chains from now on
         self.runtime.config_sha512 = config.sha512

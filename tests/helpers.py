@@ -57,10 +57,12 @@ class _RawUDP(asyncio.DatagramProtocol):
         self.replies.put_nowait(data)
 
 
-async def raw_udp(port: int, packet: bytes, timeout: float = 2.0) -> bytes | None:
-    """Send one raw datagram; the reply, or None if none came within ``timeout``."""
+async def raw_udp(port: int, packet: bytes, timeout: float = 2.0, source: str | None = None) -> bytes | None:
+    """Send one raw datagram (from the loopback address ``source``, if given); the reply,
+    or None if none came within ``timeout``."""
     loop = asyncio.get_running_loop()
-    transport, protocol = await loop.create_datagram_endpoint(_RawUDP, remote_addr=(LOOPBACK, port))
+    local = (source, 0) if source is not None else None
+    transport, protocol = await loop.create_datagram_endpoint(_RawUDP, local_addr=local, remote_addr=(LOOPBACK, port))
     try:
         transport.sendto(packet)
         try:

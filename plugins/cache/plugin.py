@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Callable
 from typing import Any
 
 from plugins.cache.clock import Clock, TickingClock
@@ -155,6 +156,47 @@ class Cache(Plugin):
         # The client's ID and question (its 0x20 letter case), the stored rest.
         head = entry.heads[(data[2] & 1) | (data[3] & _AD) >> 4]
         return Reply(wire=b"".join((data[:2], head, data[12:end], entry.tail)), plugin="cache")
+
+    def replay(self, req: Request, reply: Reply) -> Callable[[bytes], bytes | None] | None:
+        """For the server's memo (``resolver.memo``): a function that answers ``req``'s
+        bytes again from the entry that just answered them, counted as ``serve_at_once``
+        counts a hit, or None once that entry expired or left the cache. None (nothing to
+        remember) when hits must do more than that: prefetch counts each hit, and answers
+        that depend on the client are not the same for the same bytes."""
+        if self.prefetch or reply.plugin != "cache":
+            return None
+        end, qtype, _qclass, edns, _udp_size, do, version = req.question
+        data = req.wire
+        qkey = data[12:end].lower()
+        if version or (self.dependent and qkey[:-4] in self.dependent):
+            return None
+        entry = self.tables[(data[3] & _CD) >> 4 | do << 1 | edns << 2].get(qkey)
+        if entry is None or entry.qtype != qtype:
+            return None
+        labels = self._labels.get(req.server) or self._new_labels(req.server)
+        requested, hit = labels[0], labels[1 + entry.kind]
+        request_counts, hit_counts = self._request_counts, self._hit_counts
+        clock, retime = self.clock, self._retime
+        # The answer after the ID is the same bytes until the TTLs move (a new tail).
+        front = entry.heads[(data[2] & 1) | (data[3] & _AD) >> 4] + data[12:end]
+        tail = entry.tail
+        body = front + tail
+
+        def replay(query: bytes) -> bytes | None:
+            nonlocal tail, body
+            now = clock.now
+            if now >= entry.expires or not entry.live:
+                return None
+            if entry.stamp != now:
+                retime(entry, now)
+            if entry.tail is not tail:
+                tail = entry.tail
+                body = front + tail
+            request_counts[requested] = request_counts.get(requested, 0.0) + 1.0
+            hit_counts[hit] = hit_counts.get(hit, 0.0) + 1.0
+            return query[:2] + body
+
+        return replay
 
     def _lookup(self, req: Request, qkey: bytes, variant: int) -> Entry | None:
         if self.dependent and qkey[:-4] in self.dependent:
