@@ -8,8 +8,6 @@ with ``pack_into`` and no parse), the smallest TTL, and the SOA of a negative an
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from resolver import wire
 from resolver.wire import RR_FIXED, WireError, question_name_end, skip_name
 
@@ -21,19 +19,32 @@ TYPE_IXFR = 251
 TYPE_AXFR = 252
 
 
-@dataclass(slots=True)
 class Analysis:
-    """What the cache needs to know about one reply."""
+    """What the cache needs to know about one reply. A plain slots class: a dataclass
+    with a list default costs a factory call per miss."""
 
-    rcode: int  # full RCODE, the OPT record's extended bits included
-    truncated: bool
-    answers: int  # ANCOUNT
-    question_end: int
-    min_ttl: int | None = None  # smallest TTL of any record but OPT; None without records
-    soa_ttl: int | None = None  # min(SOA TTL, SOA MINIMUM) of the authority SOA (RFC 2308 5)
-    delegation: bool = False  # NS records in the authority section
-    ttl_offsets: list[int] = field(default_factory=list)  # absolute offsets of TTL fields
-    opt_options: tuple[int, int] | None = None  # (rdata start, end) when the OPT has options
+    __slots__ = (
+        "answers",
+        "delegation",
+        "min_ttl",
+        "opt_options",
+        "question_end",
+        "rcode",
+        "soa_ttl",
+        "truncated",
+        "ttl_offsets",
+    )
+
+    def __init__(self, rcode: int, truncated: bool, answers: int, question_end: int) -> None:
+        self.rcode = rcode  # full RCODE, the OPT record's extended bits included
+        self.truncated = truncated
+        self.answers = answers  # ANCOUNT
+        self.question_end = question_end
+        self.min_ttl: int | None = None  # smallest TTL of any record but OPT; None without records
+        self.soa_ttl: int | None = None  # min(SOA TTL, SOA MINIMUM) of the authority SOA (RFC 2308 5)
+        self.delegation = False  # NS records in the authority section
+        self.ttl_offsets: list[int] = []  # absolute offsets of TTL fields
+        self.opt_options: tuple[int, int] | None = None  # (rdata start, end) when the OPT has options
 
 
 def question_matches(reply: bytes, query: bytes, query_end: int) -> int:
@@ -58,30 +69,37 @@ def question_matches(reply: bytes, query: bytes, query_end: int) -> int:
 def analyze(reply: bytes, question_end: int) -> Analysis:
     """Walk every record after the question; raises ``WireError`` on a malformed reply."""
     _id, flags, _qd, ancount, nscount, arcount = wire.HEADER.unpack_from(reply)
-    result = Analysis(rcode=flags & 0x0F, truncated=bool(flags & wire.TC), answers=ancount, question_end=question_end)
+    result = Analysis(flags & 0x0F, bool(flags & wire.TC), ancount, question_end)
+    offsets = result.ttl_offsets
+    fixed = RR_FIXED.unpack_from
     offset = question_end
     size = len(reply)
     min_ttl: int | None = None
-    for index in range(ancount + nscount + arcount):
-        offset = skip_name(reply, offset)
+    authority_end = ancount + nscount
+    for index in range(authority_end + arcount):
+        # An owner name is almost always one compression pointer: two bytes, no walk.
+        if offset < size and reply[offset] >= 0xC0:
+            offset += 2
+        else:
+            offset = skip_name(reply, offset)
         if offset + 10 > size:
             raise WireError("resource record truncated")
-        rtype, _rclass, ttl, rdlength = RR_FIXED.unpack_from(reply, offset)
+        rtype, _rclass, ttl, rdlength = fixed(reply, offset)
         rdata = offset + 10
         end = rdata + rdlength
         if end > size:
             raise WireError("resource data runs past the end of the packet")
         if rtype == wire.TYPE_OPT:
-            if index < ancount + nscount:
+            if index < authority_end:
                 raise WireError("OPT record outside the additional section")
             result.rcode |= (ttl >> 24) << 4
             if rdlength:
                 result.opt_options = (rdata, end)
         else:
-            result.ttl_offsets.append(offset + 4)
+            offsets.append(offset + 4)
             if min_ttl is None or ttl < min_ttl:
                 min_ttl = ttl
-            if ancount <= index < ancount + nscount:
+            if index >= ancount and index < authority_end:
                 if rtype == TYPE_SOA and result.soa_ttl is None:
                     result.soa_ttl = min(ttl, _soa_minimum(reply, rdata, end))
                 elif rtype == TYPE_NS:
