@@ -27,6 +27,7 @@ class Request:
         "_message",
         "_qname",
         "client",
+        "declined_by",
         "metadata",
         "question",
         "server",
@@ -54,6 +55,9 @@ class Request:
         self.metadata: dict[str, Any] = {}
         self._qname = qname
         self._message: DNSRecord | None = None
+        #: The plugin whose ``serve_at_once`` already said no for this query (the server's
+        #: fast path tried it first): its ``serve`` may skip asking itself again.
+        self.declined_by: object = None
 
     # -- cheap facts from the raw pass -------------------------------------------------
 

@@ -111,15 +111,17 @@ class Shortcut:
     fast path answers is remembered.
     """
 
-    __slots__ = ("answer", "replay", "tallies")
+    __slots__ = ("answer", "answerer", "replay", "tallies")
 
     def __init__(
         self,
         answer: FastPath,
+        answerer: object,
         replay: Callable[[Request, Reply], Replay | None] | None = None,
         tallies: tuple[Callable[[Request, Reply], Tally | None], ...] = (),
     ) -> None:
         self.answer = answer
+        self.answerer = answerer  # the plugin whose serve_at_once answers
         self.replay = replay
         self.tallies = tallies
 
@@ -155,8 +157,8 @@ def fast_path(handler: Handler) -> Shortcut | None:
         if role == "serve_at_once":
             answer = _compose(plugin.serve_at_once, rest, observers)
             if not (remembers and defines(plugin, "replay")):
-                return Shortcut(answer)
-            return Shortcut(answer, plugin.replay, tuple(reversed(tallies)))
+                return Shortcut(answer, plugin)
+            return Shortcut(answer, plugin, plugin.replay, tuple(reversed(tallies)))
         if role != "observe":
             return None
         observers.append((plugin.observe, handler))
@@ -672,6 +674,7 @@ class Server:
                         if memo is not None and shortcut.replay is not None:
                             self._remember(memo, block, handler, shortcut, req, reply, send)
                     return None
+                req.declined_by = shortcut.answerer
         task = start_task(self.loop or asyncio.get_running_loop(), self._answer(handler, req, send))
         if task.done():
             return None  # answered inside its first step (3.12+ eager tasks)

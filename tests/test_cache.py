@@ -750,3 +750,21 @@ async def test_the_real_clock_ticks_and_stops() -> None:
     finally:
         await cache.stop()
     assert cache.clock._timer is None  # type: ignore[attr-defined]
+
+
+async def test_an_answer_stored_after_the_fast_path_declined_is_still_a_hit() -> None:
+    """The server's fast path asks the cache first; on Python 3.11 the chain runs a loop
+    pass later, and an answer for the same question may have been stored in between (a
+    concurrent query). The cache skips asking itself again, but still answers that as a
+    hit: upstream not asked, counted once as a hit, the entry kept."""
+    chain = Chain()
+    await chain.ask("www.example.org")  # stored
+    req = request(query("www.example.org", "A"))
+    req.declined_by = chain.cache  # as if the fast path had looked just before the store
+    reply = await chain.block.handler(req)
+    assert reply is not None and wire.rcode_of(reply.wire) == wire.NOERROR
+    assert chain.asked("www.example.org") == 1
+    assert chain.counter("coredns_cache_hits_total", "success") == 1
+    assert chain.counter("coredns_cache_misses_total") == 1
+    await chain.ask("www.example.org")
+    assert chain.asked("www.example.org") == 1

@@ -80,6 +80,7 @@ class Cache(Plugin):
         self.evictions = metrics.counter("coredns_cache_evictions_total", "The count of cache evictions.", by_type)
         self._request_counts = self.requests.values
         self._hit_counts = self.hits.values
+        self._miss_counts = self.misses.values
 
     @classmethod
     def setup(cls, directive: Directive, block: ServerBlock) -> Cache:
@@ -104,16 +105,23 @@ class Cache(Plugin):
     # -- the hit path --------------------------------------------------------------------
 
     async def serve(self, req: Request, next: Handler) -> Reply | None:
-        reply = self.serve_at_once(req, next)
-        if reply is not None:
-            return reply
-        if req.question.edns_version:
+        if req.declined_by is not self:  # else the server's fast path just asked: a miss
+            reply = self.serve_at_once(req, next)
+            if reply is not None:
+                return reply
+        end, qtype, _qclass, edns, _udp_size, do, version = req.question
+        if version:
             return await next(req)  # never conflated with version 0 (the server answers BADVERS)
         data = req.wire
-        qkey = data[12 : req.question.end].lower()
-        variant = (data[3] & _CD) >> 4 | req.question.do << 1 | req.question.edns << 2
+        qkey = data[12:end].lower()
+        variant = (data[3] & _CD) >> 4 | do << 1 | edns << 2
         entry = self._lookup(req, qkey, variant)
-        if entry is not None and entry.qtype == req.question.qtype:
+        if entry is not None and entry.qtype == qtype:
+            if self.clock.now < entry.expires:
+                # Stored since the fast path looked (Python 3.11 runs this a loop pass later).
+                reply = self.serve_at_once(req, next)
+                if reply is not None:
+                    return reply
             return await self._expired(req, next, entry, qkey, variant)
         return await self._miss(req, next, qkey, variant)
 
@@ -290,8 +298,11 @@ class Cache(Plugin):
         if self.zones is not None and not in_zones(qkey[:-4], self.zones):
             return await next(req)
         labels = self._labels.get(req.server) or self._new_labels(req.server)
-        self.requests.inc(labels[0])
-        self.misses.inc(labels[0])
+        requested = labels[0]
+        counts = self._request_counts
+        counts[requested] = counts.get(requested, 0.0) + 1.0
+        counts = self._miss_counts
+        counts[requested] = counts.get(requested, 0.0) + 1.0
         reply = await next(req)
         if reply is None:
             return None
