@@ -48,6 +48,7 @@ class Cache(Plugin):
         self.zones: frozenset[bytes] | None = None if in_zone else _zone_set(config.zones)
         self.success_disabled = _zone_set(config.success_disabled) if config.success_disabled else None
         self.denial_disabled = _zone_set(config.denial_disabled) if config.denial_disabled else None
+        self.some_disabled = bool(self.success_disabled or self.denial_disabled)
         self.zones_label = config.zones_label
         self._labels: dict[str, tuple[Labels, Labels, Labels]] = {}
         self._servers: dict[str, None] = {}  # server labels that stored entries (for the gauge)
@@ -324,7 +325,9 @@ class Cache(Plugin):
         end = req.question.end
         # A client-specific answer makes the name dependent at once (its shared entries go),
         # even when it is not stored; the window grows to the entry's own life below.
-        client = self.store.target(name, req.remote_ip, reply.client_specific, now, MIN_TTL + self.stale)
+        client = None
+        if reply.client_specific or self.dependent:
+            client = self.store.target(name, req.remote_ip, reply.client_specific, now, MIN_TTL + self.stale)
         analysis = self._analyze(data, query, end, req.server)
         if analysis is None:
             return reply, None
@@ -336,18 +339,19 @@ class Cache(Plugin):
             data = without_opt_options(data, analysis.opt_options)
             analysis = analyze(data, end)
         self.store.purge(name, client, analysis.rcode)
-        kind, duration = self._classify(analysis, req.qtype)
-        if kind is None or duration <= 0 or self._disabled(name, kind):
+        qtype = req.question.qtype
+        kind, duration = self._classify(analysis, qtype)
+        if kind is None or duration <= 0 or (self.some_disabled and self._disabled(name, kind)):
             return reply, None
         entry = Entry(
             qkey,
             variant,
-            req.qtype,
+            qtype,
             analysis.rcode,
             kind,
             self._heads_of(data, bool(variant & 2)),
             data[end:],
-            tuple(offset - end for offset in analysis.ttl_offsets),
+            tuple([offset - end for offset in analysis.ttl_offsets]),
             now + duration,
             duration,
         )

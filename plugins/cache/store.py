@@ -207,15 +207,20 @@ class Store:
     # -- adding and removing ---------------------------------------------------------
 
     def add(self, entry: Entry, client: str | None) -> list[Entry]:
-        """Store ``entry`` (replacing one with the same key); returns the entries evicted."""
-        name = entry.name
-        old = self._existing(name, client, (entry.variant, entry.qkey))
+        """Store ``entry`` (replacing one with the same key); returns the entries evicted.
+        Once full, a random entry of the same kind goes (with its A/AAAA sibling), as
+        CoreDNS evicts: no recency bookkeeping on the hit path."""
+        qkey = entry.qkey
+        name = qkey[:-4]
+        key = (entry.variant, qkey)
+        old = self._existing(name, client, key)
         if old is not None:
             self.remove(old)
         evicted: list[Entry] = []
         kind = self.kinds[entry.kind]
-        while len(kind) >= self.capacity[entry.kind] and kind:
-            victim = kind[self.random.randrange(len(kind))]
+        capacity = self.capacity[entry.kind]
+        while len(kind) >= capacity and kind:
+            victim = kind[int(self.random.random() * len(kind))]
             evicted.append(victim)
             self.remove(victim)
             sibling = self.sibling(victim)
@@ -223,9 +228,9 @@ class Store:
                 evicted.append(sibling)
                 self.remove(sibling)
         group = self._group_for(name, client)
-        group.entries[(entry.variant, entry.qkey)] = entry
+        group.entries[key] = entry
         if client is None:
-            self.tables[entry.variant][entry.qkey] = entry
+            self.tables[entry.variant][qkey] = entry
         entry.group = group
         entry.slot = len(kind)
         kind.append(entry)
