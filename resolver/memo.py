@@ -67,6 +67,8 @@ class Memo:
     def remember(self, query: bytes, again: Again) -> None:
         table = self.table
         if len(table) >= self.capacity:
+            if not table:
+                return  # a capacity of 0: remember nothing
             del table[next(iter(table))]
         table[query[2:]] = again
 

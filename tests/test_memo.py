@@ -181,3 +181,14 @@ async def test_an_answer_for_one_client_is_not_remembered_for_another(start_serv
     for source in ("127.0.0.1", "127.0.0.1", "127.0.0.1", "127.0.0.2", "127.0.0.2", "127.0.0.1"):
         reply = await raw_udp(running.port, data, source=source)
         assert reply is not None and reply.endswith(bytes(int(part) for part in own[source].split(".")))
+
+
+async def test_a_memo_of_no_capacity_remembers_nothing(start_server: StartServer, upstream: FakeUpstream) -> None:
+    running = await start_server(observed(upstream), REGISTRY)
+    memo = listener(running).memo
+    memo.capacity = 0
+    data = query_bytes("host.example.org")
+    for _ in range(3):
+        reply = await raw_udp(running.port, data)
+        assert reply is not None and wire.rcode_of(reply) == wire.NOERROR
+    assert len(memo) == 0 and running.server.stats.panics == 0
