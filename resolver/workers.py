@@ -27,7 +27,10 @@ with ``SO_REUSEPORT`` on the configured ports and the kernel spreads clients ove
   text worker 0 took is replaced by a new worker started with it. The text every worker
   serves is the one a restarted worker starts with. A reload asked for while a worker
   is starting waits for it. Workers ignore SIGUSR1 (a group-wide one reaches the
-  supervisor too).
+  supervisor too). A worker that has not answered a reload after ``RELOAD_TIMEOUT``
+  seconds is taken for hung and killed, so that it cannot hold every later reload back:
+  worker 0 is started again with the running configuration (the reload failed), a later
+  worker is replaced by one started with the new text.
 * A worker that exits with a non-zero status (a fatal error such as a forwarding loop)
   stops the whole server with that status, as one process would. A worker killed by a
   signal (OOM killer, crash), or that exits with status 0 when no one asked it to stop,
@@ -73,6 +76,10 @@ log = core_logger()
 
 MAX_RESTARTS = 5
 RESTART_WINDOW = 60.0  # seconds
+#: Seconds a worker gets to answer a reload (to load and start the text, or to start as
+#: a replacement); a worker that takes longer is taken for hung and killed (see
+#: ``Supervisor._overdue``). Generous: starting plugins may wait on the network.
+RELOAD_TIMEOUT = 60.0
 _PR_SET_PDEATHSIG = 1
 #: What the supervisor acts on; blocked around ``fork`` (see the module docstring).
 _SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGCHLD})
@@ -198,6 +205,8 @@ class Reloading:
     phase: str  # "first", "rest", "replacing"
     waiting: set[Worker]
     failed: list[tuple[Worker, str]] = field(default_factory=list)
+    #: When the workers of this phase are overdue (``time.monotonic()``).
+    deadline: float = field(default_factory=lambda: time.monotonic() + RELOAD_TIMEOUT)
 
 
 class Supervisor:
@@ -257,12 +266,15 @@ class Supervisor:
 
     def _run(self, done: Callable[[], bool]) -> None:
         while not done():
-            for key, events in self.selector.select():
+            reloading = self.reloading
+            timeout = None if reloading is None else max(reloading.deadline - time.monotonic(), 0.0)
+            for key, events in self.selector.select(timeout):
                 if key.data is None:
                     self._signals()
                 else:
                     self._io(key.data, events)
             self._reap()
+            self._overdue()
             self._maybe_reload()
 
     def _signals(self) -> None:
@@ -486,6 +498,7 @@ class Supervisor:
             # Worker 0 serves it: it is now the server's configuration.
             self.text = reloading.text
             reloading.phase = "rest"
+            reloading.deadline = time.monotonic() + RELOAD_TIMEOUT
             for other in [w for w in self.workers.values() if w is not worker and not w.retiring]:
                 if self._send(other, {"reload": reloading.text}):
                     reloading.waiting.add(other)
@@ -520,6 +533,46 @@ class Supervisor:
             return
         reloading.phase = "replacing"
         reloading.waiting = replacing
+        reloading.deadline = time.monotonic() + RELOAD_TIMEOUT
+
+    def _overdue(self) -> None:
+        """Workers that did not answer a reload within ``RELOAD_TIMEOUT`` are hung (a
+        plugin that never finishes starting, a deadlock): without this, one of them would
+        hold every later reload back for good. Worker 0 is killed and, as after any crash,
+        started again with the configuration the server had (the reload failed); a later
+        worker is killed and replaced by one started with the new text, as when it says
+        it cannot take it; a replacement that does not start in time is killed, and the
+        worker it was to replace keeps serving (restarted later if it ever exits)."""
+        reloading = self.reloading
+        if reloading is None or not reloading.waiting or time.monotonic() < reloading.deadline:
+            return
+        late = list(reloading.waiting)
+        if reloading.phase == "first":
+            (first,) = late
+            log.error(
+                "reload failed, keeping the running configuration: worker 0 (PID %d) did not answer within %.0fs:"
+                " restarting it",
+                first.pid,
+                RELOAD_TIMEOUT,
+            )
+            self.reloading = None
+            self._signal(first, signal.SIGKILL)
+            return
+        if reloading.phase == "rest":
+            reloading.waiting.clear()
+            for worker in late:
+                reloading.failed.append((worker, f"no answer within {RELOAD_TIMEOUT:.0f}s"))
+                self._signal(worker, signal.SIGKILL)
+            self._reload_next()
+            return
+        for worker in late:  # replacements that did not start in time
+            log.error("worker %d (PID %d) did not start within %.0fs", worker.index, worker.pid, RELOAD_TIMEOUT)
+            worker.retiring = True  # its exit is ours, not a failed start of the server
+            if worker.replaces is not None:
+                worker.replaces.replaced_by = None
+                worker.replaces = None
+            self._signal(worker, signal.SIGKILL)
+        self._reload_done()
 
     def _reload_done(self) -> None:
         self.reloading = None

@@ -488,3 +488,117 @@ async def test_the_reload_plugin_reloads_every_worker_once(tmp_path: Path, serve
     assert process.stop() == 0
     assert len([line for line in process.lines if "Reloading complete" in line]) == 1
     assert len([line for line in process.lines if line == "[INFO] Reloading"]) == 1
+
+
+def hang_once(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, in_worker_0: bool) -> Path:
+    """A command whose worker 0 (or, if not ``in_worker_0``, a later worker) hangs in the
+    next reload while ``mark`` exists (once: it removes it), with a 2 s reload timeout."""
+    mark = tmp_path / "hang"
+    mark.write_text("")
+    which = "not" if in_worker_0 else ""
+    patched_command(
+        monkeypatch,
+        tmp_path,
+        "import asyncio, os, resolver.server, resolver.workers\n"
+        "resolver.workers.RELOAD_TIMEOUT = 2.0\n"
+        "_apply = resolver.server.Server.apply\n"
+        "async def apply(self, config):\n"
+        f"    later = isinstance(self.runtime.http, resolver.workers.NoHTTPEndpoints)\n"
+        f"    if self.config is not None and {which} later and os.path.exists({str(mark)!r}):\n"
+        f"        os.unlink({str(mark)!r})\n"
+        "        await asyncio.sleep(3600)  # hung: never answers the supervisor\n"
+        "    return await _apply(self, config)\n"
+        "resolver.server.Server.apply = apply\n",
+    )
+    return mark
+
+
+async def test_a_worker_0_hung_in_a_reload_is_restarted_and_later_reloads_go_through(
+    tmp_path: Path, servers: list[Process], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mark = hang_once(monkeypatch, tmp_path, in_worker_0=True)
+    corefile = tmp_path / "Corefile"
+    process = start(corefile, WHOAMI, servers)
+    process.wait_for_line(r", 2 workers$", timeout=30)
+    await wait_for(lambda: len(workers_of(process)) == 2)
+    before = workers_of(process)
+    corefile.write_text(erratic_at(process.port))
+    process.proc.send_signal(signal.SIGUSR1)
+    hung = process.wait_for_line(
+        r"\[ERROR\] reload failed, keeping the running configuration: worker 0 \(PID (\d+)\) did not answer within 2s",
+        timeout=30,
+    )
+    assert int(hung.group(1)) in before and not mark.exists()
+    process.wait_for_line(r"worker 0 restarted", timeout=30)
+    for reply in query_from_many_ports(process.port):
+        assert reply.additional and not reply.answer  # whoami everywhere: the reload failed
+    process.proc.send_signal(signal.SIGUSR1)  # nothing hangs now
+    process.wait_for_line(r"\[INFO\] Reloading complete", timeout=30)
+    assert_all_erratic(process.port)
+    assert process.stop() == 0
+
+
+async def test_a_later_worker_hung_in_a_reload_is_replaced_by_one_that_serves_it(
+    tmp_path: Path, servers: list[Process], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hang_once(monkeypatch, tmp_path, in_worker_0=False)
+    corefile = tmp_path / "Corefile"
+    process = start(corefile, WHOAMI, servers)
+    process.wait_for_line(r", 2 workers$", timeout=30)
+    await wait_for(lambda: len(workers_of(process)) == 2)
+    before = workers_of(process)
+    corefile.write_text(erratic_at(process.port))
+    process.proc.send_signal(signal.SIGUSR1)
+    replaced = process.wait_for_line(
+        r"\[ERROR\] worker 1 \(PID (\d+)\) cannot serve the reloaded configuration \(no answer within 2s\)",
+        timeout=30,
+    )
+    process.wait_for_line(r"\[INFO\] Reloading complete", timeout=30)
+    old = int(replaced.group(1))
+    assert old in before
+    await wait_for(lambda: len(workers_of(process)) == 2 and old not in workers_of(process), timeout=30)
+    assert_all_erratic(process.port)
+    assert process.stop() == 0
+
+
+async def test_a_replacement_that_hangs_starting_is_killed_and_the_old_worker_keeps_serving(
+    tmp_path: Path, servers: list[Process], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Worker 1 cannot take the reload; the worker started to replace it hangs while
+    starting. It is killed once overdue, the reload ends, and worker 1 (the old
+    configuration) still answers: no worker is lost and the server keeps running."""
+    mark = tmp_path / "hang"
+    patched_command(
+        monkeypatch,
+        tmp_path,
+        "import asyncio, os, resolver.server, resolver.workers\n"
+        "resolver.workers.RELOAD_TIMEOUT = 2.0\n"
+        "_apply = resolver.server.Server.apply\n"
+        "async def apply(self, config):\n"
+        "    if isinstance(self.runtime.http, resolver.workers.NoHTTPEndpoints):\n"
+        "        if self.config is not None:\n"
+        "            raise resolver.server.ListenError('no reload for this worker')\n"
+        f"        if os.path.exists({str(mark)!r}):\n"
+        f"            os.unlink({str(mark)!r})\n"
+        "            await asyncio.sleep(3600)  # the replacement hangs starting\n"
+        "    return await _apply(self, config)\n"
+        "resolver.server.Server.apply = apply\n",
+    )
+    corefile = tmp_path / "Corefile"
+    process = start(corefile, WHOAMI, servers)
+    process.wait_for_line(r", 2 workers$", timeout=30)
+    await wait_for(lambda: len(workers_of(process)) == 2)
+    before = workers_of(process)
+    mark.write_text("")
+    corefile.write_text(erratic_at(process.port))
+    process.proc.send_signal(signal.SIGUSR1)
+    late = process.wait_for_line(r"\[ERROR\] worker 1 \(PID (\d+)\) did not start within 2s", timeout=30)
+    process.wait_for_line(r"\[INFO\] Reloading complete", timeout=30)
+    assert int(late.group(1)) not in before
+    await wait_for(lambda: workers_of(process) == before, timeout=30)
+    answers = {
+        "whoami" if reply.additional and not reply.answer else "erratic"
+        for reply in query_from_many_ports(process.port)
+    }
+    assert answers <= {"whoami", "erratic"} and "whoami" in answers  # the old worker 1 still answers
+    assert process.stop() == 0
