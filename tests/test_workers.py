@@ -6,6 +6,7 @@ Everything runs the real command as a subprocess over real sockets on 127.0.0.1.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -398,7 +399,12 @@ async def test_a_worker_that_cannot_take_a_reload_is_replaced_by_one_that_serves
         "    return await _apply(self, config)\n"
         "resolver.server.Server.apply = apply\n",
     )
-    corefile = tmp_path / "Corefile"
+    await reload_replacing_worker_1(tmp_path / "Corefile", servers, "no reload for this worker")
+
+
+async def reload_replacing_worker_1(corefile: Path, servers: list[Process], reason: str) -> None:
+    """Start two workers, reload: worker 1 is replaced (for ``reason``) by one serving
+    the new Corefile, and every answer is the new one's."""
     process = start(corefile, WHOAMI, servers)
     process.wait_for_line(r", 2 workers$", timeout=30)
     await wait_for(lambda: len(workers_of(process)) == 2)
@@ -406,7 +412,7 @@ async def test_a_worker_that_cannot_take_a_reload_is_replaced_by_one_that_serves
     corefile.write_text(erratic_at(process.port))
     process.proc.send_signal(signal.SIGUSR1)
     replaced = process.wait_for_line(
-        r"\[ERROR\] worker 1 \(PID (\d+)\) cannot serve the reloaded configuration \(no reload for this worker\)",
+        rf"\[ERROR\] worker 1 \(PID (\d+)\) cannot serve the reloaded configuration \({re.escape(reason)}\)",
         timeout=30,
     )
     process.wait_for_line(r"\[INFO\] Reloading complete", timeout=30)
@@ -542,23 +548,7 @@ async def test_a_later_worker_hung_in_a_reload_is_replaced_by_one_that_serves_it
     tmp_path: Path, servers: list[Process], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     hang_once(monkeypatch, tmp_path, in_worker_0=False)
-    corefile = tmp_path / "Corefile"
-    process = start(corefile, WHOAMI, servers)
-    process.wait_for_line(r", 2 workers$", timeout=30)
-    await wait_for(lambda: len(workers_of(process)) == 2)
-    before = workers_of(process)
-    corefile.write_text(erratic_at(process.port))
-    process.proc.send_signal(signal.SIGUSR1)
-    replaced = process.wait_for_line(
-        r"\[ERROR\] worker 1 \(PID (\d+)\) cannot serve the reloaded configuration \(no answer within 2s\)",
-        timeout=30,
-    )
-    process.wait_for_line(r"\[INFO\] Reloading complete", timeout=30)
-    old = int(replaced.group(1))
-    assert old in before
-    await wait_for(lambda: len(workers_of(process)) == 2 and old not in workers_of(process), timeout=30)
-    assert_all_erratic(process.port)
-    assert process.stop() == 0
+    await reload_replacing_worker_1(tmp_path / "Corefile", servers, "no answer within 2s")
 
 
 async def test_a_replacement_that_hangs_starting_is_killed_and_the_old_worker_keeps_serving(
