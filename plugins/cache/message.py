@@ -52,6 +52,8 @@ def question_matches(reply: bytes, query: bytes, query_end: int) -> int:
     type and class exactly), else 0. The reply must be a response with one question."""
     if len(reply) < wire.HEADER_SIZE or not reply[2] & 0x80 or reply[4:6] != b"\x00\x01":
         return 0
+    if reply[wire.HEADER_SIZE : query_end] == query[wire.HEADER_SIZE : query_end]:
+        return query_end  # the query's own question bytes (forward hands them back): no walk
     try:
         name_end = question_name_end(reply)
     except WireError:

@@ -222,11 +222,13 @@ class Store:
         while len(kind) >= capacity and kind:
             victim = kind[int(self.random.random() * len(kind))]
             evicted.append(victim)
+            group = victim.group
             self.remove(victim)
-            sibling = self.sibling(victim)
-            if sibling is not None:
-                evicted.append(sibling)
-                self.remove(sibling)
+            if group is not None and group.entries:  # its name has more: an A/AAAA sibling goes too
+                sibling = self.sibling(victim)
+                if sibling is not None:
+                    evicted.append(sibling)
+                    self.remove(sibling)
         group = self._group_for(name, client)
         group.entries[key] = entry
         if client is None:
