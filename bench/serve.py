@@ -1,6 +1,7 @@
 """Run a server with the bench registry: ``python -m bench.serve COREFILE``.
 
-Prints ``port N`` once listening (the Corefile should use port 0 and bind 127.0.0.1).
+Prints ``port N`` once listening (the port of its first listener: the one the kernel
+picked when the Corefile says 0). The Corefile should bind 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ async def main(path: str) -> None:
     config = load(Path(path).read_text(), path, registry, default_port=0)
     server = Server()
     await server.apply(config)
-    print(f"port {server.port(0)}", flush=True)
+    print(f"port {next(iter(server.listeners.values())).bound_port}", flush=True)
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     await stop.wait()
