@@ -1,6 +1,6 @@
 # The image the DaemonSet in deploy/ runs. Not built in this project's CI (no container
 # registry is reachable there); `docker build -t corefile-resolver .` from the repository.
-FROM python:3.12-slim
+FROM python:3.11-slim
 RUN apt-get update && apt-get install -y --no-install-recommends iproute2 iptables \
     && rm -rf /var/lib/apt/lists/*
 WORKDIR /app
