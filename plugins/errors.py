@@ -101,10 +101,11 @@ class Errors(Plugin):
         self._report(req, reply.rcode, reply.error)
         return reply
 
-    def observe(self, req: Request, reply: Reply, _elapsed: float) -> None:
+    def observe(self, req: Request, reply: Reply | None, _elapsed: float) -> None:
         """What ``serve`` does with a reply, for the server's fast path (a cache hit
-        answered without running the chain: ``resolver.server.fast_path``)."""
-        if reply.error is not None:
+        answered without running the chain: ``resolver.server.fast_path``) and for the
+        rest of that block's queries (``Server._answer_observed``)."""
+        if reply is not None and reply.error is not None:
             self._report(req, reply.rcode, reply.error)
 
     def tally(self, req: Request, reply: Reply) -> Callable[[float], None] | None:

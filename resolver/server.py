@@ -98,7 +98,7 @@ else:
         return loop.create_task(coro)
 
 
-Observe = Callable[[Request, Reply, float], None]
+Observe = Callable[[Request, Reply | None, float], None]
 
 
 class Shortcut:
@@ -109,19 +109,29 @@ class Shortcut:
     the same query bytes: the answering plugin's ``replay(req, reply)`` and each
     observer's ``tally(req, reply)``, innermost first. Without them (None), nothing the
     fast path answers is remembered.
+
+    For the queries it cannot answer at once, ``rest`` is the chain from the answering
+    plugin on, ``links`` the observers' links in front of it (front first) and
+    ``observe`` their bookkeeping after it (``_observing``): the server runs those in
+    one Task frame instead of a coroutine per observer (``Server._answer_observed``).
     """
 
-    __slots__ = ("answer", "answerer", "replay", "tallies")
+    __slots__ = ("answer", "answerer", "links", "observe", "replay", "rest", "tallies")
 
     def __init__(
         self,
         answer: FastPath,
         answerer: object,
+        rest: Handler,
+        observers: list[tuple[Observe, functools.partial[Any]]],
         replay: Callable[[Request, Reply], Replay | None] | None = None,
         tallies: tuple[Callable[[Request, Reply], Tally | None], ...] = (),
     ) -> None:
         self.answer = answer
         self.answerer = answerer  # the plugin whose serve_at_once answers
+        self.rest = rest
+        self.links = tuple(link for _observe, link in observers)
+        self.observe = _observing(observers)
         self.replay = replay
         self.tallies = tallies
 
@@ -157,8 +167,8 @@ def fast_path(handler: Handler) -> Shortcut | None:
         if role == "serve_at_once":
             answer = _compose(plugin.serve_at_once, rest, observers)
             if not (remembers and defines(plugin, "replay")):
-                return Shortcut(answer, plugin)
-            return Shortcut(answer, plugin, plugin.replay, tuple(reversed(tallies)))
+                return Shortcut(answer, plugin, handler, observers)
+            return Shortcut(answer, plugin, handler, observers, plugin.replay, tuple(reversed(tallies)))
         if role != "observe":
             return None
         observers.append((plugin.observe, handler))
@@ -221,6 +231,25 @@ class Unwound(Exception):
         for link in reversed(self.outer):
             handler = functools.partial(link.func, next=handler)
         return handler
+
+
+def _observing(observers: list[tuple[Observe, functools.partial[Any]]]) -> Observe:
+    """Every observer's bookkeeping for a reply (None included: a plugin chose to send
+    nothing), innermost first, as the chain unwinds; an observer that raises becomes
+    ``Unwound`` with the observers in front of it, which still see the exception."""
+    links = tuple(link for _observe, link in observers)  # front first
+    inner_first = [observe for observe, _link in reversed(observers)]
+
+    def observe_all(req: Request, reply: Reply | None, elapsed: float) -> None:
+        left = len(links)  # observers not called yet (and the one being called)
+        try:
+            for observe in inner_first:
+                left -= 1
+                observe(req, reply, elapsed)  # type: ignore[arg-type]
+        except Exception as exc:
+            raise Unwound(exc, links[:left]) from exc
+
+    return observe_all
 
 
 def _compose(
@@ -675,7 +704,13 @@ class Server:
                             self._remember(memo, block, handler, shortcut, req, reply, send)
                     return None
                 req.declined_by = shortcut.answerer
-        task = start_task(self.loop or asyncio.get_running_loop(), self._answer(handler, req, send))
+                if shortcut.links:
+                    return self._start(self._answer_observed(shortcut, req, send))
+        return self._start(self._answer(handler, req, send))
+
+    def _start(self, answering: Coroutine[Any, Any, None]) -> asyncio.Task[Any] | None:
+        """Run one query's Task; returns it if the answer is still to come."""
+        task = start_task(self.loop or asyncio.get_running_loop(), answering)
         if task.done():
             return None  # answered inside its first step (3.12+ eager tasks)
         self.in_flight.add(task)
@@ -691,6 +726,33 @@ class Server:
                 reply = await handler(req)
             except Exception as exc:
                 reply = self.failed(req, exc)
+            try:
+                self.deliver(req, reply, send)
+            except Exception:
+                self._last_resort(req, send)
+        finally:
+            self.in_flight.discard(current_task())  # type: ignore[arg-type]
+
+    async def _answer_observed(self, shortcut: Shortcut, req: Request, send: SendTo) -> None:
+        """``_answer`` for a block with a fast path that had no answer at once: the chain
+        from the answering plugin on, then the observers' bookkeeping (``observe``), in
+        this one frame. The same replies, metrics and failures as the whole chain: an
+        exception from the chain or from an observer is handed to the observers in front
+        of where it rose (``Unwound``), as their ``serve`` would have seen it. Saves a
+        coroutine per observer on each step of a miss: about 15k of its 215k instructions."""
+        try:
+            started = perf_counter()
+            try:
+                try:
+                    reply = await shortcut.rest(req)
+                except Exception as exc:
+                    raise Unwound(exc, shortcut.links) from exc
+                shortcut.observe(req, reply, perf_counter() - started)
+            except Unwound as failure:
+                try:
+                    reply = await failure.handler()(req)
+                except Exception as exc:
+                    reply = self.failed(req, exc)
             try:
                 self.deliver(req, reply, send)
             except Exception:

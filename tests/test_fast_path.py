@@ -375,3 +375,32 @@ async def test_a_subclass_that_overrides_serve_is_not_skipped_on_hits(
         assert await raw_udp(running.port, query_bytes("host.example.org")) is not None
     assert seen == ["host.example.org."] * 3
     assert cache_hits(running) == 2
+
+
+async def test_a_miss_whose_chain_raises_is_answered_and_counted_as_the_chain_does(
+    start_server: StartServer,
+) -> None:
+    """A miss runs the chain from the cache on, with the observers' bookkeeping done
+    after it in the same frame (``Server._answer_observed``): an exception from behind
+    the cache must still pass prometheus (counted as a failure) and reach the server
+    (SERVFAIL, a panic), as when every plugin runs as a coroutine."""
+    chain = ".:0 {\n bind 127.0.0.1\n errors\n prometheus 127.0.0.1:0\n cache\n scripted\n}\n"
+    fast = await start_server(chain, TEST_REGISTRY)
+    slow = await start_server(chain, TEST_REGISTRY, fast_paths=False)
+
+    def broken(_req: Request) -> Reply:
+        raise RuntimeError("upstream bug")
+
+    for server in (fast, slow):
+        scripted = server.server.config.blocks[0].find("scripted")  # type: ignore[union-attr]
+        assert isinstance(scripted, Scripted)
+        scripted.answer_with = broken
+    for name in ("boom.example.org", "boom.example.org", "other.example.org"):
+        data = query_bytes(name)
+        for server in (fast, slow):
+            reply = await raw_udp(server.port, data)
+            assert reply is not None and reply[3] & 0x0F == wire.SERVFAIL
+    assert fast.server.stats.panics == slow.server.stats.panics == 3
+    assert samples(fast) == samples(slow)
+    failures = [v for (name, _labels), v in samples(fast).items() if name == "coredns_dns_responses_total"]
+    assert sum(failures) == 3
