@@ -193,6 +193,11 @@ class Worker:
     #: The worker this one takes over from once listening (after a failed reload).
     replaces: Worker | None = None
     replaced_by: Worker | None = None
+    #: Did not answer a reload in time: replaced, then killed (not asked) to stop.
+    hung: bool = False
+    #: Killed by the supervisor (hung in a reload): nothing it still says counts, and
+    #: no reload is sent anywhere until it is reaped.
+    killed: bool = False
     inbox: bytearray = field(default_factory=bytearray)
     outbox: bytearray = field(default_factory=bytearray)
 
@@ -267,7 +272,9 @@ class Supervisor:
     def _run(self, done: Callable[[], bool]) -> None:
         while not done():
             reloading = self.reloading
-            timeout = None if reloading is None else max(reloading.deadline - time.monotonic(), 0.0)
+            timeout = None
+            if reloading is not None and reloading.waiting:
+                timeout = max(reloading.deadline - time.monotonic(), 0.0)
             for key, events in self.selector.select(timeout):
                 if key.data is None:
                     self._signals()
@@ -322,6 +329,8 @@ class Supervisor:
                 log.error("worker %d (PID %d): bad control message %r: %s", worker.index, worker.pid, line[:80], exc)
 
     def _message(self, worker: Worker, message: dict[str, Any]) -> None:
+        if worker.killed:
+            return  # a late answer from a worker taken for hung: it no longer speaks for anyone
         if "ready" in message and not worker.ready:
             ports = {int(key): int(value) for key, value in dict(message["ready"]).items()}
             self._on_ready(worker, ports)
@@ -395,7 +404,11 @@ class Supervisor:
         if old is not None:
             worker.replaces = None
             old.retiring = True
-            self._signal(old, signal.SIGTERM)
+            if old.pid in self.workers:  # not reaped yet (a reaped PID may be someone else's now)
+                if old.hung:
+                    self._kill(old)  # hung: it may never act on a SIGTERM
+                else:
+                    self._signal(old, signal.SIGTERM)
             log.info("worker %d (PID %d) replaced by PID %d", old.index, old.pid, worker.pid)
             reloading = self.reloading
             if reloading is not None and reloading.phase == "replacing":
@@ -415,9 +428,10 @@ class Supervisor:
             elif not reloading.waiting:
                 self._reload_next()
         if self.stopping:
-            # Killed by our own SIGTERM before its handlers were in place: a clean stop.
-            # (After a forced quit, status 2 is already set.)
-            if code not in (0, -signal.SIGTERM) and not self.status:
+            # Killed by our own SIGTERM before its handlers were in place, or by our
+            # SIGKILL when it hung: a clean stop. (After a forced quit, status 2 is set.)
+            ours = code == -signal.SIGTERM or (worker.killed and code == -signal.SIGKILL)
+            if code != 0 and not ours and not self.status:
                 self.status = code if code > 0 else 1
             return
         if worker.retiring:
@@ -435,12 +449,18 @@ class Supervisor:
             self.status = code
             self._stop_all()
             return
-        if code == 0:
+        if worker.killed:
+            log.info("worker %d (PID %d), hung in a reload, is gone", worker.index, worker.pid)
+        elif code == 0:
             log.error("worker %d (PID %d) exited though no one asked it to stop", worker.index, worker.pid)
         else:
             log.error("worker %d (PID %d) was killed by signal %d", worker.index, worker.pid, -code)
         if worker.replaced_by is not None:
             return  # its replacement is starting already
+        self._restart(worker.index)
+
+    def _restart(self, index: int) -> None:
+        """Start worker ``index`` again, at most ``MAX_RESTARTS`` times a window."""
         now = time.monotonic()
         while self.restarts and now - self.restarts[0] > RESTART_WINDOW:
             self.restarts.popleft()
@@ -450,7 +470,7 @@ class Supervisor:
             self._stop_all()
             return
         self.restarts.append(now)
-        restarted = self._spawn(worker.index)
+        restarted = self._spawn(index)
         if restarted is not None:
             restarted.restarted = True
 
@@ -460,8 +480,8 @@ class Supervisor:
         """Start the reload asked for, once no reload runs and every worker is listening."""
         if self.reload_wanted is None or self.reloading is not None or self.stopping or not self.started:
             return
-        if not all(worker.ready for worker in self.workers.values()):
-            return
+        if not all(worker.ready and not worker.killed for worker in self.workers.values()):
+            return  # a worker starting, or one killed and not reaped yet: wait for it
         wanted, self.reload_wanted = self.reload_wanted, None
         first = next((w for w in self.workers.values() if w.index == 0 and not w.retiring), None)
         if first is None:
@@ -525,7 +545,8 @@ class Supervisor:
                 worker.index,
             )
             replacement = self._spawn(worker.index, replaces=worker)
-            if replacement is None:
+            if replacement is None:  # the fork failed: the server is stopping (status 1)
+                self.reloading = None
                 return
             replacing.add(replacement)
         if not replacing:
@@ -538,15 +559,28 @@ class Supervisor:
     def _overdue(self) -> None:
         """Workers that did not answer a reload within ``RELOAD_TIMEOUT`` are hung (a
         plugin that never finishes starting, a deadlock): without this, one of them would
-        hold every later reload back for good. Worker 0 is killed and, as after any crash,
-        started again with the configuration the server had (the reload failed); a later
-        worker is killed and replaced by one started with the new text, as when it says
-        it cannot take it; a replacement that does not start in time is killed, and the
-        worker it was to replace keeps serving (restarted later if it ever exits)."""
+        hold every later reload back for good.
+
+        * Worker 0 (the reload goes no further): killed and, as after any crash, started
+          again with the configuration the server had.
+        * A later worker: replaced, as when it says it cannot take the text, by one
+          started with it; the hung one keeps its place (it may still be answering
+          with the old configuration) until the replacement listens, then is killed.
+        * A replacement that does not start in time: killed; the worker it was to
+          replace keeps serving the old configuration, or, if that one is gone, the
+          slot is started again. The reload is then incomplete, and said so.
+        * While the server stops, the hung workers are killed and nothing is started.
+        """
         reloading = self.reloading
         if reloading is None or not reloading.waiting or time.monotonic() < reloading.deadline:
             return
         late = list(reloading.waiting)
+        reloading.waiting.clear()
+        if self.stopping:
+            self.reloading = None
+            for worker in late:
+                self._kill(worker)
+            return
         if reloading.phase == "first":
             (first,) = late
             log.error(
@@ -556,23 +590,46 @@ class Supervisor:
                 RELOAD_TIMEOUT,
             )
             self.reloading = None
-            self._signal(first, signal.SIGKILL)
+            self._kill(first)
             return
         if reloading.phase == "rest":
-            reloading.waiting.clear()
             for worker in late:
+                worker.hung = True
                 reloading.failed.append((worker, f"no answer within {RELOAD_TIMEOUT:.0f}s"))
-                self._signal(worker, signal.SIGKILL)
             self._reload_next()
             return
+        self.reloading = None
         for worker in late:  # replacements that did not start in time
-            log.error("worker %d (PID %d) did not start within %.0fs", worker.index, worker.pid, RELOAD_TIMEOUT)
             worker.retiring = True  # its exit is ours, not a failed start of the server
-            if worker.replaces is not None:
-                worker.replaces.replaced_by = None
-                worker.replaces = None
-            self._signal(worker, signal.SIGKILL)
-        self._reload_done()
+            self._kill(worker)
+            old, worker.replaces = worker.replaces, None
+            if old is None:
+                continue
+            old.replaced_by = None
+            if old.pid in self.workers:
+                log.error(
+                    "reload incomplete: worker %d (PID %d) did not start within %.0fs; worker %d (PID %d) keeps the"
+                    " previous configuration",
+                    worker.index,
+                    worker.pid,
+                    RELOAD_TIMEOUT,
+                    old.index,
+                    old.pid,
+                )
+            else:
+                log.error(
+                    "reload incomplete: worker %d (PID %d) did not start within %.0fs: starting worker %d again",
+                    worker.index,
+                    worker.pid,
+                    RELOAD_TIMEOUT,
+                    worker.index,
+                )
+                self._restart(worker.index)
+
+    def _kill(self, worker: Worker) -> None:
+        """SIGKILL a worker taken for hung: what it says from now on is ignored."""
+        worker.killed = True
+        self._signal(worker, signal.SIGKILL)
 
     def _reload_done(self) -> None:
         self.reloading = None

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -582,9 +583,12 @@ async def test_a_replacement_that_hangs_starting_is_killed_and_the_old_worker_ke
     mark.write_text("")
     corefile.write_text(erratic_at(process.port))
     process.proc.send_signal(signal.SIGUSR1)
-    late = process.wait_for_line(r"\[ERROR\] worker 1 \(PID (\d+)\) did not start within 2s", timeout=30)
-    process.wait_for_line(r"\[INFO\] Reloading complete", timeout=30)
-    assert int(late.group(1)) not in before
+    late = process.wait_for_line(
+        r"\[ERROR\] reload incomplete: worker 1 \(PID (\d+)\) did not start within 2s; worker 1 \(PID (\d+)\)"
+        r" keeps the previous configuration",
+        timeout=30,
+    )
+    assert int(late.group(1)) not in before and int(late.group(2)) in before
     await wait_for(lambda: workers_of(process) == before, timeout=30)
     answers = {
         "whoami" if reply.additional and not reply.answer else "erratic"
@@ -592,3 +596,106 @@ async def test_a_replacement_that_hangs_starting_is_killed_and_the_old_worker_ke
     }
     assert answers <= {"whoami", "erratic"} and "whoami" in answers  # the old worker 1 still answers
     assert process.stop() == 0
+
+
+def hang_patch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body: str) -> None:
+    """A command with a 2 s reload timeout whose ``Server.apply`` first runs ``body``
+    (with ``later``: not worker 0; ``once(path)``: True the first time ``path`` exists)."""
+    patched_command(
+        monkeypatch,
+        tmp_path,
+        "import asyncio, os, time, resolver.server, resolver.workers\n"
+        "resolver.workers.RELOAD_TIMEOUT = 2.0\n"
+        "_apply = resolver.server.Server.apply\n"
+        "def once(path):\n"
+        "    if os.path.exists(path):\n"
+        "        os.unlink(path)\n"
+        "        return True\n"
+        "    return False\n"
+        "async def apply(self, config):\n"
+        "    later = isinstance(self.runtime.http, resolver.workers.NoHTTPEndpoints)\n"
+        f"{body}"
+        "    return await _apply(self, config)\n"
+        "resolver.server.Server.apply = apply\n",
+    )
+
+
+async def two_workers(tmp_path: Path, servers: list[Process]) -> tuple[Process, Path]:
+    corefile = tmp_path / "Corefile"
+    process = start(corefile, WHOAMI, servers)
+    process.wait_for_line(r", 2 workers$", timeout=30)
+    await wait_for(lambda: len(workers_of(process)) == 2)
+    return process, corefile
+
+
+async def test_a_reload_asked_while_worker_0_hangs_runs_once_it_is_back(
+    tmp_path: Path, servers: list[Process], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second SIGUSR1 lands while worker 0 hangs in the first: it must not go to the
+    worker being killed (and be lost), but run once worker 0 is back."""
+    hang = tmp_path / "hang"
+    hang_patch(
+        tmp_path,
+        monkeypatch,
+        f"    if self.config is not None and not later and once({str(hang)!r}):\n        await asyncio.sleep(3600)\n",
+    )
+    process, corefile = await two_workers(tmp_path, servers)
+    hang.write_text("")
+    corefile.write_text(erratic_at(process.port))
+    process.proc.send_signal(signal.SIGUSR1)
+    process.wait_for_line(r"SIGUSR1: Reloading")
+    process.proc.send_signal(signal.SIGUSR1)
+    process.wait_for_line(r"SIGUSR1: Reloading")
+    process.wait_for_line(r"worker 0 \(PID \d+\) did not answer within 2s", timeout=30)
+    process.wait_for_line(r"\[INFO\] Reloading complete", timeout=30)
+    assert_all_erratic(process.port)
+    assert not [line for line in process.lines if "worker 0 exited" in line]
+    assert process.stop() == 0
+
+
+async def test_a_hung_worker_whose_replacement_hangs_too_keeps_its_slot(
+    tmp_path: Path, servers: list[Process], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Worker 1 hangs in the reload, and so does the worker started to replace it: the
+    server must not end up one worker short."""
+    hang, hang_start = tmp_path / "hang", tmp_path / "hang-start"
+    hang_patch(
+        tmp_path,
+        monkeypatch,
+        f"    if later and self.config is not None and once({str(hang)!r}):\n"
+        "        await asyncio.sleep(3600)\n"
+        f"    if later and self.config is None and once({str(hang_start)!r}):\n"
+        "        await asyncio.sleep(3600)\n",
+    )
+    process, corefile = await two_workers(tmp_path, servers)
+    before = workers_of(process)
+    hang.write_text("")
+    hang_start.write_text("")
+    corefile.write_text(erratic_at(process.port))
+    process.proc.send_signal(signal.SIGUSR1)
+    process.wait_for_line(r"reload incomplete: worker 1 \(PID \d+\) did not start within 2s", timeout=30)
+    await wait_for(lambda: workers_of(process) == before, timeout=30)
+    assert process.stop() == 0
+
+
+async def test_a_stop_while_a_worker_hangs_in_a_reload_exits_0_and_starts_nothing(
+    tmp_path: Path, servers: list[Process], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Worker 1 blocks its loop in a reload, so it never acts on SIGTERM: the stop waits
+    for the reload timeout, kills it, starts no replacement and exits 0."""
+    hang = tmp_path / "hang"
+    hang_patch(
+        tmp_path,
+        monkeypatch,
+        f"    if later and self.config is not None and once({str(hang)!r}):\n"
+        "        time.sleep(3600)  # blocks the loop\n",
+    )
+    process, corefile = await two_workers(tmp_path, servers)
+    hang.write_text("")
+    corefile.write_text(erratic_at(process.port))
+    process.proc.send_signal(signal.SIGUSR1)
+    process.wait_for_line(r"SIGUSR1: Reloading")
+    time.sleep(0.5)
+    process.signal(signal.SIGTERM)
+    assert process.stop() == 0
+    assert not [line for line in process.lines if "starting a new worker" in line or "Reloading complete" in line]
