@@ -42,16 +42,20 @@ Replay = Callable[[bytes], bytes | None]
 #: From a plugin in front: its bookkeeping for the same reply again, given the time taken.
 Tally = Callable[[float], None]
 
-MEMO_CAPACITY = 4096  # remembered queries per UDP listener; the oldest goes first
+MEMO_CAPACITY = 2048  # remembered queries per UDP listener: about 2.3 KB each
+#: Larger answers are not remembered (each remembered answer holds a copy of its bytes):
+#: the size every resolver asks for since DNS flag day 2020.
+MAX_REMEMBERED = 1232
 
 
 class Memo:
     """The remembered answers of one UDP listener, keyed by the query bytes after the ID.
 
-    Bounded: past ``capacity`` the oldest entry is dropped (a dict keeps insertion order,
-    so that is its first key). A client cycling through random queries (EDNS cookies,
-    random names) costs each of them one remembering and pushes out older entries, but
-    never grows this past its bound.
+    Bounded: once ``capacity`` entries are held, the next one empties it first. Dropping
+    only the oldest would keep the popular entries, but a dict finds its oldest key by
+    skipping the slots of every key deleted before it (microseconds once full), and an
+    entry costs only one answer from the fast path to make again. A client cycling
+    through random queries (EDNS cookies, random names) never grows it past its bound.
     """
 
     __slots__ = ("capacity", "table")
@@ -67,10 +71,15 @@ class Memo:
     def remember(self, query: bytes, again: Again) -> None:
         table = self.table
         if len(table) >= self.capacity:
-            if not table:
-                return  # a capacity of 0: remember nothing
-            del table[next(iter(table))]
+            if self.capacity <= 0:
+                return
+            table.clear()
         table[query[2:]] = again
+
+    def disable(self) -> None:
+        """Remember nothing from now on (a remembered function failed: see the server)."""
+        self.capacity = 0
+        self.table.clear()
 
     def forget(self, query: bytes) -> None:
         self.table.pop(query[2:], None)

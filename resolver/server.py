@@ -37,7 +37,7 @@ from dnslib import DNSError
 from resolver import wire
 from resolver.config import WILDCARD_HOSTS, Config, ServerBlock
 from resolver.logs import core_logger
-from resolver.memo import Memo, Replay, Tally, again_function
+from resolver.memo import MAX_REMEMBERED, Memo, Replay, Tally, again_function
 from resolver.plugin import Handler
 from resolver.reply import Reply
 from resolver.request import TCP, UDP, Request
@@ -480,14 +480,16 @@ class UDPProtocol(asyncio.DatagramProtocol):
 
     def _again(self, again: Any, data: bytes, addr: Any) -> bool:
         """Answer from the memo; False (and the entry forgotten) when it cannot. A bug
-        there is logged and the query goes the usual way: it is answered, though what the
-        remembered function counted before failing may then be counted twice."""
+        there is logged once, the query goes the usual way (it is answered, though what
+        the remembered function counted before failing may be counted twice), and this
+        listener remembers nothing more: the same bug would miscount every repeat."""
         try:
             if again(data, addr):
                 return True
         except Exception:
             self.listener.server.stats.panics += 1
-            log.exception("unexpected error answering a UDP query from %s from the memo", addr)
+            log.exception("unexpected error answering a UDP query from %s from the memo: memo disabled", addr)
+            self.listener.memo.disable()
         self.listener.memo.forget(data)
         return False
 
@@ -725,13 +727,25 @@ class Server:
             try:
                 reply = await handler(req)
             except Exception as exc:
-                reply = self.failed(req, exc)
-            try:
-                self.deliver(req, reply, send)
-            except Exception:
-                self._last_resort(req, send)
+                self._deliver_failure(req, exc, send)
+            else:
+                self._deliver_safely(req, reply, send)
         finally:
             self.in_flight.discard(current_task())  # type: ignore[arg-type]
+
+    def _deliver_safely(self, req: Request, reply: Reply | None, send: SendTo) -> None:
+        try:
+            self.deliver(req, reply, send)
+        except Exception:
+            self._last_resort(req, send)
+
+    def _deliver_failure(self, req: Request, exc: Exception, send: SendTo) -> None:
+        """The answer to a chain that raised (``failed``), with the last resort behind it
+        too: an exception whose own repr raises must still get the client a SERVFAIL."""
+        try:
+            self.deliver(req, self.failed(req, exc), send)
+        except Exception:
+            self._last_resort(req, send)
 
     async def _answer_observed(self, shortcut: Shortcut, req: Request, send: SendTo) -> None:
         """``_answer`` for a block with a fast path that had no answer at once: the chain
@@ -752,11 +766,9 @@ class Server:
                 try:
                     reply = await failure.handler()(req)
                 except Exception as exc:
-                    reply = self.failed(req, exc)
-            try:
-                self.deliver(req, reply, send)
-            except Exception:
-                self._last_resort(req, send)
+                    self._deliver_failure(req, exc, send)
+                    return
+            self._deliver_safely(req, reply, send)
         finally:
             self.in_flight.discard(current_task())  # type: ignore[arg-type]
 
@@ -773,7 +785,8 @@ class Server:
         """Remember how to answer repeats of ``req``'s bytes as ``reply`` was answered, if
         every plugin on the fast path can say how (``Shortcut``). Replies cut for the
         client's UDP size are not remembered (``deliver`` would have to cut each again)."""
-        if reply.packed is None or len(reply.packed) > req.question.udp_size:
+        size = len(reply.packed) if reply.packed is not None else MAX_REMEMBERED + 1
+        if size > req.question.udp_size or size > MAX_REMEMBERED or memo.capacity <= 0:
             return
         assert shortcut.replay is not None
         try:
