@@ -382,10 +382,17 @@ class Listener:
         self.bound_port = port
 
     def handle(
-        self, data: bytes, client: Any, transport: str, send: SendTo, memo: Memo | None = None
+        self,
+        data: bytes,
+        client: Any,
+        transport: str,
+        send: SendTo,
+        memo: Memo | None = None,
+        later: SendTo | None = None,
     ) -> asyncio.Task[Any] | None:
         """Answer one raw query; returns the Task when the chain had to wait. With a
-        ``memo``, a fast-path answer is remembered there for repeats of ``data``."""
+        ``memo``, a fast-path answer is remembered there for repeats of ``data``; with
+        ``later``, an answer that had to wait is sent with it instead of ``send``."""
         stats = self.server.stats
         if len(data) < wire.HEADER_SIZE:
             stats.dropped_short += 1
@@ -425,7 +432,7 @@ class Listener:
                 return None
             zone, block = found
             req = Request(data, question, client, transport, self.label, zone, qname)
-        return self.server.run(block, req, send, memo)
+        return self.server.run(block, req, send, memo, later)
 
     @staticmethod
     def _rejection(data: bytes, rcode: int) -> bytes:
@@ -461,9 +468,33 @@ class UDPProtocol(asyncio.DatagramProtocol):
         self.listener = listener
         self.remembered = listener.memo.table  # cleared in place, never replaced
         self.sendto: SendTo = lambda data, addr: None
+        self.outbox: list[tuple[bytes, Any]] = []  # answers to send at the end of this loop pass
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.sendto = transport.sendto  # type: ignore[attr-defined]
+        self.loop = asyncio.get_running_loop()
+
+    def send_later(self, data: bytes, addr: Any) -> None:
+        """Send at the end of this pass of the event loop, with the other answers that
+        finished in it. Answers that had to wait (misses) finish a few per pass, each
+        after the work of its query; sent one by one, each would find the client's
+        receiving thread asleep again and wake it (an interprocessor interrupt, dear in a
+        VM), sent back to back only the first does. Answered at once (hits), a query's
+        answer is sent at once."""
+        outbox = self.outbox
+        if not outbox and self.loop is not None:
+            self.loop.call_soon(self._flush)
+        outbox.append((data, addr))
+
+    def _flush(self) -> None:
+        outbox, self.outbox = self.outbox, []
+        sendto = self.sendto
+        for data, addr in outbox:
+            try:
+                sendto(data, addr)
+            except Exception as exc:  # closed under us (shutdown): nothing left to answer with
+                log.debug("cannot send an answer to %s: %r", addr, exc)
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
         listener = self.listener
@@ -473,7 +504,7 @@ class UDPProtocol(asyncio.DatagramProtocol):
         if again is not None and self._again(again, data, addr):
             return
         try:
-            listener.handle(data, addr, UDP, self.sendto, listener.memo)
+            listener.handle(data, addr, UDP, self.sendto, listener.memo, self.send_later)
         except Exception:
             listener.server.stats.panics += 1
             log.exception("unexpected error handling a UDP query from %s", addr)
@@ -682,7 +713,9 @@ class Server:
 
     # -- running queries -------------------------------------------------------------
 
-    def run(self, block: ServerBlock, req: Request, send: SendTo, memo: Memo | None = None) -> asyncio.Task[Any] | None:
+    def run(
+        self, block: ServerBlock, req: Request, send: SendTo, memo: Memo | None = None, later: SendTo | None = None
+    ) -> asyncio.Task[Any] | None:
         """Run ``block``'s chain for ``req``; returns the Task if the answer is still to
         come. A fast-path answer is remembered in ``memo`` (UDP) when it can be."""
         handler = block.handler
@@ -707,8 +740,8 @@ class Server:
                     return None
                 req.declined_by = shortcut.answerer
                 if shortcut.links:
-                    return self._start(self._answer_observed(shortcut, req, send))
-        return self._start(self._answer(handler, req, send))
+                    return self._start(self._answer_observed(shortcut, req, later or send))
+        return self._start(self._answer(handler, req, later or send))
 
     def _start(self, answering: Coroutine[Any, Any, None]) -> asyncio.Task[Any] | None:
         """Run one query's Task; returns it if the answer is still to come."""
