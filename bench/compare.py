@@ -512,8 +512,8 @@ def measure(kind: str, args: argparse.Namespace, procs: Processes, files: dict[s
 
 
 def measure_workers(count: int, args: argparse.Namespace, procs: Processes, files: dict[str, Path]) -> dict[str, Any]:
-    """Cache hits from the project with ``-workers count``, nothing pinned (dnsperf
-    neither): what more processes buy on this machine's cores."""
+    """Cache hits and misses from the project with ``-workers count``, nothing pinned
+    (dnsperf neither): what more processes buy on this machine's cores."""
     where = args.workdir / f"workers{count}"
     where.mkdir(exist_ok=True)
     port = free_port()
@@ -532,6 +532,11 @@ def measure_workers(count: int, args: argparse.Namespace, procs: Processes, file
         figures["hit_udp_lost_pct"] = lost(output)
         figures["hit_cpu_s_per_100k"] = round(cpu_used / max(_completed(output), 1) * 100_000, 3)
         figures["hit_tcp_qps"] = round(qps(dnsperf_run(port, files["hot"], args.seconds, cpu=None, mode="tcp")))
+        # Misses too: a hit costs the server less than it costs dnsperf to send, so on two
+        # cores hits measure dnsperf as much as the server; a miss is the server's work.
+        output = dnsperf_run(port, files["miss"], args.seconds, once=True, cpu=None)
+        figures["miss_qps"] = round(qps(output))
+        figures["miss_lost_pct"] = lost(output)
         return figures
     except RuntimeError as exc:
         raise RuntimeError(f"workers {count}: {exc}\n{procs.log_tail(f'workers{count}')}") from None
