@@ -118,13 +118,28 @@ class Cache(Plugin):
         variant = (data[3] & _CD) >> 4 | do << 1 | edns << 2
         entry = self._lookup(req, qkey, variant)
         if entry is not None and entry.qtype == qtype:
-            if self.clock.now < entry.expires:
+            now = self.clock.now
+            if now < entry.expires:
                 # Stored since the fast path looked (Python 3.11 runs this a loop pass later).
                 reply = self.serve_at_once(req, next)
                 if reply is not None:
                     return reply
-            return await self._expired(req, next, entry, qkey, variant)
-        return await self._miss(req, next, qkey, variant)
+            if self.stale and now < entry.expires + self.stale:
+                return await self._expired(req, next, entry, qkey, variant)
+            self.store.remove(entry)
+        # A miss, in this frame: a coroutine of its own would cost a frame on every step.
+        if self.zones is not None and not in_zones(qkey[:-4], self.zones):
+            return await next(req)
+        labels = self._labels.get(req.server) or self._new_labels(req.server)
+        requested = labels[0]
+        counts = self._request_counts
+        counts[requested] = counts.get(requested, 0.0) + 1.0
+        counts = self._miss_counts
+        counts[requested] = counts.get(requested, 0.0) + 1.0
+        reply = await next(req)
+        if reply is None:
+            return None
+        return self._learn(req, reply, qkey, variant)[0]
 
     def serve_at_once(self, req: Request, next: Handler) -> Reply | None:
         """The reply to a fresh hit, counted as ``serve`` counts it; None (nothing
@@ -243,10 +258,7 @@ class Cache(Plugin):
     # -- expired entries: serve_stale ------------------------------------------------------
 
     async def _expired(self, req: Request, next: Handler, entry: Entry, qkey: bytes, variant: int) -> Reply | None:
-        now = self.clock.now
-        if not self.stale or now >= entry.expires + self.stale:
-            self.store.remove(entry)
-            return await self._miss(req, next, qkey, variant)
+        """An expired entry that serve_stale may still serve (``serve`` checked)."""
         labels = self._labels.get(req.server) or self._new_labels(req.server)
         self.requests.inc(labels[0])
         self.hits.inc(labels[1 + entry.kind])
@@ -294,20 +306,6 @@ class Cache(Plugin):
         )
 
     # -- misses ------------------------------------------------------------------------
-
-    async def _miss(self, req: Request, next: Handler, qkey: bytes, variant: int) -> Reply | None:
-        if self.zones is not None and not in_zones(qkey[:-4], self.zones):
-            return await next(req)
-        labels = self._labels.get(req.server) or self._new_labels(req.server)
-        requested = labels[0]
-        counts = self._request_counts
-        counts[requested] = counts.get(requested, 0.0) + 1.0
-        counts = self._miss_counts
-        counts[requested] = counts.get(requested, 0.0) + 1.0
-        reply = await next(req)
-        if reply is None:
-            return None
-        return self._learn(req, reply, qkey, variant)[0]
 
     def _learn(
         self, req: Request, reply: Reply, qkey: bytes, variant: int, align: bool = True
