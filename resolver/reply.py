@@ -58,6 +58,21 @@ class Reply:
             self._message = DNSRecord.parse(self._wire)
         return self._message
 
+    def rewired(self, data: bytes) -> Reply:
+        """This reply with other wire bytes (the same plugin, error and flags): itself,
+        changed, when it holds only bytes (one object less per cache miss), else a new
+        reply, so that a parsed message never disagrees with the bytes."""
+        if self._message is None:
+            self._wire = data
+            return self
+        return Reply(
+            wire=data,
+            plugin=self.plugin,
+            error=self.error,
+            client_specific=self.client_specific,
+            cacheable=self.cacheable,
+        )
+
     @property
     def packed(self) -> bytes | None:
         """The wire bytes if this reply already has them (never packs), else None."""

@@ -364,7 +364,7 @@ class Cache(Plugin):
         self._servers[req.server] = None
         head = entry.heads[(query[2] & 1) | (query[3] & _AD) >> 4]
         packed = b"".join((query[:2], head, query[12:end], entry.tail))
-        return Reply(wire=packed, plugin=reply.plugin, error=reply.error, client_specific=reply.client_specific), entry
+        return reply.rewired(packed), entry
 
     def _analyze(self, data: bytes, query: bytes, end: int, server: str) -> Analysis | None:
         """The reply's records, or None (counted as a drop) when its question is not the
