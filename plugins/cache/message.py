@@ -26,6 +26,7 @@ class Analysis:
     __slots__ = (
         "answers",
         "delegation",
+        "max_ttl",
         "min_ttl",
         "opt_options",
         "question_end",
@@ -41,6 +42,7 @@ class Analysis:
         self.answers = answers  # ANCOUNT
         self.question_end = question_end
         self.min_ttl: int | None = None  # smallest TTL of any record but OPT; None without records
+        self.max_ttl: int | None = None  # largest, likewise (equal to min_ttl: one TTL throughout)
         self.soa_ttl: int | None = None  # min(SOA TTL, SOA MINIMUM) of the authority SOA (RFC 2308 5)
         self.delegation = False  # NS records in the authority section
         self.ttl_offsets: list[int] = []  # absolute offsets of TTL fields
@@ -77,6 +79,7 @@ def analyze(reply: bytes, question_end: int) -> Analysis:
     offset = question_end
     size = len(reply)
     min_ttl: int | None = None
+    max_ttl = 0
     authority_end = ancount + nscount
     for index in range(authority_end + arcount):
         # An owner name is almost always one compression pointer: two bytes, no walk.
@@ -101,6 +104,8 @@ def analyze(reply: bytes, question_end: int) -> Analysis:
             offsets.append(offset + 4)
             if min_ttl is None or ttl < min_ttl:
                 min_ttl = ttl
+            if ttl > max_ttl:
+                max_ttl = ttl
             if index >= ancount and index < authority_end:
                 if rtype == TYPE_SOA and result.soa_ttl is None:
                     result.soa_ttl = min(ttl, _soa_minimum(reply, rdata, end))
@@ -110,6 +115,7 @@ def analyze(reply: bytes, question_end: int) -> Analysis:
     if offset != size:
         raise WireError("trailing bytes after the last record")
     result.min_ttl = min_ttl
+    result.max_ttl = max_ttl if min_ttl is not None else None
     return result
 
 

@@ -239,12 +239,15 @@ class Cache(Plugin):
             ttl = 0
         elif self.config.keepttl:
             ttl = entry.duration
+        entry.stamp = now
+        if ttl == entry.written:
+            return  # every record says so already (a fresh answer; keepttl)
         packed = ttl.to_bytes(4, "big")
         tail = bytearray(entry.tail)
         for offset in entry.offsets:
             tail[offset : offset + 4] = packed
         entry.tail = bytes(tail)
-        entry.stamp = now
+        entry.written = ttl
 
     def _new_labels(self, server: str) -> tuple[Labels, Labels, Labels]:
         labels = (
@@ -353,6 +356,8 @@ class Cache(Plugin):
             now + duration,
             duration,
         )
+        if analysis.min_ttl == analysis.max_ttl:
+            entry.written = analysis.min_ttl  # the upstream's TTLs, all alike: often just right
         for victim in self.store.add(entry, client):
             labels = self._labels.get(req.server) or self._new_labels(req.server)
             self.evictions.inc(labels[1 + victim.kind])

@@ -55,6 +55,7 @@ class Entry:
         "stamp",
         "tail",
         "variant",
+        "written",
     )
 
     def __init__(
@@ -81,6 +82,7 @@ class Entry:
         self.tail = tail
         self.offsets = offsets  # TTL field offsets within ``tail``
         self.stamp = -1  # the second the TTLs in ``tail`` were written for; -1: rewrite
+        self.written = -1  # the TTL every record in ``tail`` has (-1: not one TTL, or unknown)
         self.expires = expires
         self.duration = duration  # the TTL it was stored with (keepttl)
         self.lifetime = duration  # seconds it really lives once stored (align may cut it): prefetch
