@@ -2,7 +2,8 @@
 
 Queries per second on a shared machine move by 15% or more from one run to the next;
 the instructions the server executes per query do not (the same code, queries and
-interpreter give the same count to within a fraction of a percent, whatever else runs).
+interpreter give the same count within 0.1% for misses and 3% for hits, whatever else
+runs: what varies is how many queries share a pass of the event loop).
 So this is the figure to compare two versions of the hot path by; ``bench.compare``
 gives the throughput and latency that users see.
 
