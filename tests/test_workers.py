@@ -406,9 +406,7 @@ async def test_a_worker_that_cannot_take_a_reload_is_replaced_by_one_that_serves
 async def reload_replacing_worker_1(corefile: Path, servers: list[Process], reason: str) -> None:
     """Start two workers, reload: worker 1 is replaced (for ``reason``) by one serving
     the new Corefile, and every answer is the new one's."""
-    process = start(corefile, WHOAMI, servers)
-    process.wait_for_line(r", 2 workers$", timeout=30)
-    await wait_for(lambda: len(workers_of(process)) == 2)
+    process = await two_workers(corefile, servers)
     before = workers_of(process)
     corefile.write_text(erratic_at(process.port))
     process.proc.send_signal(signal.SIGUSR1)
@@ -497,25 +495,47 @@ async def test_the_reload_plugin_reloads_every_worker_once(tmp_path: Path, serve
     assert len([line for line in process.lines if line == "[INFO] Reloading"]) == 1
 
 
+def hang_patch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body: str) -> None:
+    """A command with a 2 s reload timeout whose ``Server.apply`` first runs ``body``
+    (with ``later``: not worker 0; ``once(path)``: True the first time ``path`` exists)."""
+    patched_command(
+        monkeypatch,
+        tmp_path,
+        "import asyncio, os, time, resolver.server, resolver.workers\n"
+        "resolver.workers.RELOAD_TIMEOUT = 2.0\n"
+        "_apply = resolver.server.Server.apply\n"
+        "def once(path):\n"
+        "    if os.path.exists(path):\n"
+        "        os.unlink(path)\n"
+        "        return True\n"
+        "    return False\n"
+        "async def apply(self, config):\n"
+        "    later = isinstance(self.runtime.http, resolver.workers.NoHTTPEndpoints)\n"
+        f"{body}"
+        "    return await _apply(self, config)\n"
+        "resolver.server.Server.apply = apply\n",
+    )
+
+
+async def two_workers(corefile: Path, servers: list[Process]) -> Process:
+    """Two workers serving whoami from ``corefile``, both listening."""
+    process = start(corefile, WHOAMI, servers)
+    process.wait_for_line(r", 2 workers$", timeout=30)
+    await wait_for(lambda: len(workers_of(process)) == 2)
+    return process
+
+
 def hang_once(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, in_worker_0: bool) -> Path:
     """A command whose worker 0 (or, if not ``in_worker_0``, a later worker) hangs in the
     next reload while ``mark`` exists (once: it removes it), with a 2 s reload timeout."""
     mark = tmp_path / "hang"
     mark.write_text("")
     which = "not" if in_worker_0 else ""
-    patched_command(
-        monkeypatch,
+    hang_patch(
         tmp_path,
-        "import asyncio, os, resolver.server, resolver.workers\n"
-        "resolver.workers.RELOAD_TIMEOUT = 2.0\n"
-        "_apply = resolver.server.Server.apply\n"
-        "async def apply(self, config):\n"
-        f"    later = isinstance(self.runtime.http, resolver.workers.NoHTTPEndpoints)\n"
-        f"    if self.config is not None and {which} later and os.path.exists({str(mark)!r}):\n"
-        f"        os.unlink({str(mark)!r})\n"
-        "        await asyncio.sleep(3600)  # hung: never answers the supervisor\n"
-        "    return await _apply(self, config)\n"
-        "resolver.server.Server.apply = apply\n",
+        monkeypatch,
+        f"    if self.config is not None and {which} later and once({str(mark)!r}):\n"
+        "        await asyncio.sleep(3600)  # hung: never answers the supervisor\n",
     )
     return mark
 
@@ -525,9 +545,7 @@ async def test_a_worker_0_hung_in_a_reload_is_restarted_and_later_reloads_go_thr
 ) -> None:
     mark = hang_once(monkeypatch, tmp_path, in_worker_0=True)
     corefile = tmp_path / "Corefile"
-    process = start(corefile, WHOAMI, servers)
-    process.wait_for_line(r", 2 workers$", timeout=30)
-    await wait_for(lambda: len(workers_of(process)) == 2)
+    process = await two_workers(corefile, servers)
     before = workers_of(process)
     corefile.write_text(erratic_at(process.port))
     process.proc.send_signal(signal.SIGUSR1)
@@ -559,26 +577,16 @@ async def test_a_replacement_that_hangs_starting_is_killed_and_the_old_worker_ke
     starting. It is killed once overdue, the reload ends, and worker 1 (the old
     configuration) still answers: no worker is lost and the server keeps running."""
     mark = tmp_path / "hang"
-    patched_command(
-        monkeypatch,
+    hang_patch(
         tmp_path,
-        "import asyncio, os, resolver.server, resolver.workers\n"
-        "resolver.workers.RELOAD_TIMEOUT = 2.0\n"
-        "_apply = resolver.server.Server.apply\n"
-        "async def apply(self, config):\n"
-        "    if isinstance(self.runtime.http, resolver.workers.NoHTTPEndpoints):\n"
-        "        if self.config is not None:\n"
-        "            raise resolver.server.ListenError('no reload for this worker')\n"
-        f"        if os.path.exists({str(mark)!r}):\n"
-        f"            os.unlink({str(mark)!r})\n"
-        "            await asyncio.sleep(3600)  # the replacement hangs starting\n"
-        "    return await _apply(self, config)\n"
-        "resolver.server.Server.apply = apply\n",
+        monkeypatch,
+        "    if later and self.config is not None:\n"
+        "        raise resolver.server.ListenError('no reload for this worker')\n"
+        f"    if later and once({str(mark)!r}):\n"
+        "        await asyncio.sleep(3600)  # the replacement hangs starting\n",
     )
     corefile = tmp_path / "Corefile"
-    process = start(corefile, WHOAMI, servers)
-    process.wait_for_line(r", 2 workers$", timeout=30)
-    await wait_for(lambda: len(workers_of(process)) == 2)
+    process = await two_workers(corefile, servers)
     before = workers_of(process)
     mark.write_text("")
     corefile.write_text(erratic_at(process.port))
@@ -598,36 +606,6 @@ async def test_a_replacement_that_hangs_starting_is_killed_and_the_old_worker_ke
     assert process.stop() == 0
 
 
-def hang_patch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body: str) -> None:
-    """A command with a 2 s reload timeout whose ``Server.apply`` first runs ``body``
-    (with ``later``: not worker 0; ``once(path)``: True the first time ``path`` exists)."""
-    patched_command(
-        monkeypatch,
-        tmp_path,
-        "import asyncio, os, time, resolver.server, resolver.workers\n"
-        "resolver.workers.RELOAD_TIMEOUT = 2.0\n"
-        "_apply = resolver.server.Server.apply\n"
-        "def once(path):\n"
-        "    if os.path.exists(path):\n"
-        "        os.unlink(path)\n"
-        "        return True\n"
-        "    return False\n"
-        "async def apply(self, config):\n"
-        "    later = isinstance(self.runtime.http, resolver.workers.NoHTTPEndpoints)\n"
-        f"{body}"
-        "    return await _apply(self, config)\n"
-        "resolver.server.Server.apply = apply\n",
-    )
-
-
-async def two_workers(tmp_path: Path, servers: list[Process]) -> tuple[Process, Path]:
-    corefile = tmp_path / "Corefile"
-    process = start(corefile, WHOAMI, servers)
-    process.wait_for_line(r", 2 workers$", timeout=30)
-    await wait_for(lambda: len(workers_of(process)) == 2)
-    return process, corefile
-
-
 async def test_a_reload_asked_while_worker_0_hangs_runs_once_it_is_back(
     tmp_path: Path, servers: list[Process], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -639,7 +617,8 @@ async def test_a_reload_asked_while_worker_0_hangs_runs_once_it_is_back(
         monkeypatch,
         f"    if self.config is not None and not later and once({str(hang)!r}):\n        await asyncio.sleep(3600)\n",
     )
-    process, corefile = await two_workers(tmp_path, servers)
+    corefile = tmp_path / "Corefile"
+    process = await two_workers(corefile, servers)
     hang.write_text("")
     corefile.write_text(erratic_at(process.port))
     process.proc.send_signal(signal.SIGUSR1)
@@ -667,7 +646,8 @@ async def test_a_hung_worker_whose_replacement_hangs_too_keeps_its_slot(
         f"    if later and self.config is None and once({str(hang_start)!r}):\n"
         "        await asyncio.sleep(3600)\n",
     )
-    process, corefile = await two_workers(tmp_path, servers)
+    corefile = tmp_path / "Corefile"
+    process = await two_workers(corefile, servers)
     before = workers_of(process)
     hang.write_text("")
     hang_start.write_text("")
@@ -690,7 +670,8 @@ async def test_a_stop_while_a_worker_hangs_in_a_reload_exits_0_and_starts_nothin
         f"    if later and self.config is not None and once({str(hang)!r}):\n"
         "        time.sleep(3600)  # blocks the loop\n",
     )
-    process, corefile = await two_workers(tmp_path, servers)
+    corefile = tmp_path / "Corefile"
+    process = await two_workers(corefile, servers)
     hang.write_text("")
     corefile.write_text(erratic_at(process.port))
     process.proc.send_signal(signal.SIGUSR1)
