@@ -313,6 +313,8 @@ def _compose(
 
         return fast_two
 
+    observe_all = _observing(observers)
+
     def fast(req: Request) -> Reply | None:
         started = perf_counter()
         try:
@@ -320,14 +322,7 @@ def _compose(
         except Exception as exc:
             raise Unwound(exc, links) from exc
         if reply is not None:
-            elapsed = perf_counter() - started
-            left = len(links)  # observers not called yet (and the one being called)
-            try:
-                for observe in inner_first:
-                    left -= 1
-                    observe(req, reply, elapsed)
-            except Exception as exc:
-                raise Unwound(exc, links[:left]) from exc
+            observe_all(req, reply, perf_counter() - started)
         return reply
 
     return fast
