@@ -128,13 +128,9 @@ async def test_fast_path_replies_and_metrics_are_the_chains(
             assert await raw_udp(server.port, data) is not None
     hits_before = cache_hits(fast)
     tasks = StartCounter(monkeypatch)
+    same = compare(fast, slow)
     for data in asked:
-        fast_udp, slow_udp = await raw_udp(fast.port, data), await raw_udp(slow.port, data)
-        assert fast_udp is not None and slow_udp is not None
-        assert normalized(fast_udp, data) == normalized(slow_udp, data)
-        assert fast_udp[:2] == data[:2]
-        fast_tcp, slow_tcp = await tcp_query(fast.port, data), await tcp_query(slow.port, data)
-        assert normalized(fast_tcp, data) == normalized(slow_tcp, data)
+        await same(data)
     assert tasks.count == 2 * len(asked)  # the slow server's hits only
     assert samples(fast) == samples(slow)
     assert cache_hits(fast) - hits_before == 2 * len(asked)  # every query of this round was a hit
