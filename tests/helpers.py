@@ -49,7 +49,9 @@ class Running:
         return await dns.asyncquery.tcp(query, LOOPBACK, port=self.port, timeout=3)
 
 
-class _RawUDP(asyncio.DatagramProtocol):
+class CollectReplies(asyncio.DatagramProtocol):
+    """A UDP client's protocol that queues every datagram it receives."""
+
     def __init__(self) -> None:
         self.replies: asyncio.Queue[bytes] = asyncio.Queue()
 
@@ -62,7 +64,9 @@ async def raw_udp(port: int, packet: bytes, timeout: float = 2.0, source: str | 
     or None if none came within ``timeout``."""
     loop = asyncio.get_running_loop()
     local = (source, 0) if source is not None else None
-    transport, protocol = await loop.create_datagram_endpoint(_RawUDP, local_addr=local, remote_addr=(LOOPBACK, port))
+    transport, protocol = await loop.create_datagram_endpoint(
+        CollectReplies, local_addr=local, remote_addr=(LOOPBACK, port)
+    )
     try:
         transport.sendto(packet)
         try:

@@ -15,7 +15,7 @@ from resolver.config import load
 from resolver.corefile import CorefileError
 from resolver.plugin import Registry
 from tests.conftest import StartServer
-from tests.helpers import LOOPBACK, Running, frame, ipv6_loopback, query_bytes, read_frame
+from tests.helpers import LOOPBACK, CollectReplies, Running, frame, ipv6_loopback, query_bytes, read_frame
 
 REGISTRY = Registry(("bind", "acl", "loadbalance", "manyrecords", "whoami"), "tests.testplugins")
 SERVER = "dns://127.0.0.1:0"  # the server label of a ". {bind 127.0.0.1}" block on port 0
@@ -66,18 +66,10 @@ async def test_filter_answers_noerror_without_records(start_server: StartServer)
     assert outcome(await running.udp("www.example.org", "A")) == "allowed"
 
 
-class _Collect(asyncio.DatagramProtocol):
-    def __init__(self) -> None:
-        self.replies: asyncio.Queue[bytes] = asyncio.Queue()
-
-    def datagram_received(self, data: bytes, addr: object) -> None:
-        self.replies.put_nowait(data)
-
-
 async def test_drop_sends_nothing_over_udp(start_server: StartServer) -> None:
     running = await start_server(corefile("drop type A"), registry=REGISTRY)
     loop = asyncio.get_running_loop()
-    transport, protocol = await loop.create_datagram_endpoint(_Collect, remote_addr=(LOOPBACK, running.port))
+    transport, protocol = await loop.create_datagram_endpoint(CollectReplies, remote_addr=(LOOPBACK, running.port))
     try:
         # Both from one socket, in order: had the first been answered, its reply would
         # arrive first. So the first reply being the second query's proves the drop.

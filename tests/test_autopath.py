@@ -31,7 +31,7 @@ from resolver.config import load
 from resolver.corefile import CorefileError
 from resolver.plugin import Registry
 from tests.conftest import StartServer
-from tests.helpers import LOOPBACK, Capture, Running, query_bytes, wait_for
+from tests.helpers import LOOPBACK, Capture, CollectReplies, Running, query_bytes, wait_for
 from tests.testplugins.autopath import AutoPath
 from tests.testplugins.cache import Cache
 from tests.testplugins.prometheus import Prometheus
@@ -297,14 +297,6 @@ async def test_an_unparseable_answer_under_another_name_is_servfail(start_server
     assert tried(table) == ["db.default.svc.cluster.local.", "db.svc.cluster.local."]
 
 
-class _Collect(asyncio.DatagramProtocol):
-    def __init__(self) -> None:
-        self.replies: asyncio.Queue[bytes] = asyncio.Queue()
-
-    def datagram_received(self, data: bytes, addr: object) -> None:
-        self.replies.put_nowait(data)
-
-
 async def test_a_dropped_try_ends_the_walk_with_no_reply(start_server: StartServer) -> None:
     """The client's own resolver would have got nothing for that name (acl drop): an
     answer from a later domain would be one it could never have reached."""
@@ -312,7 +304,7 @@ async def test_a_dropped_try_ends_the_walk_with_no_reply(start_server: StartServ
     table.dropping.add("db.svc.cluster.local.")
     loop = asyncio.get_running_loop()
     transport, protocol = await loop.create_datagram_endpoint(
-        _Collect, local_addr=(POD, 0), remote_addr=(LOOPBACK, running.port)
+        CollectReplies, local_addr=(POD, 0), remote_addr=(LOOPBACK, running.port)
     )
     try:
         # Both from one socket, in order: had the first been answered, its reply would
