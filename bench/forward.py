@@ -48,7 +48,7 @@ from bench.compare import (
     tree_cpu_seconds,
     wait_answering,
 )
-from bench.core import CLIENT_CPU, SERVER_CPU, lost, percentiles, qps
+from bench.core import CLIENT_CPU, SERVER_CPU, lost, percentiles, qps, ramp_up
 
 NAMES_PER_SECOND = 60_000  # more than any run here answers: no name is asked twice
 
@@ -136,7 +136,7 @@ def one_round(args: argparse.Namespace, procs: Processes, upstream: int, queries
         sockets = udp_sockets(where / "Corefile")
         latency = {}
         if args.rate:
-            p50, p99 = percentiles(output)
+            p50, p99 = percentiles(output, ramp_up(args.rate))
             latency = {"p50_ms": round(p50, 3), "p99_ms": round(p99, 3)}
         return {
             **latency,
