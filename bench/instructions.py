@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -80,7 +81,8 @@ def counted(workdir: Path, pid: int, dumps: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.parse_args(argv)
+    parser.add_argument("--keep", type=Path, help="copy the callgrind dumps here (for callgrind_annotate)")
+    args = parser.parse_args(argv)
     missing = [tool for tool in ("valgrind", "callgrind_control", "dnsperf") if which(tool) is None]
     if missing:
         print(f"missing: {', '.join(missing)} (Debian: apt-get install valgrind dnsperf)", file=sys.stderr)
@@ -89,12 +91,12 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(tmp)
         procs = Processes(workdir)
         try:
-            return run(workdir, procs)
+            return run(workdir, procs, args.keep)
         finally:
             procs.stop_all()
 
 
-def run(workdir: Path, procs: Processes) -> int:
+def run(workdir: Path, procs: Processes, keep: Path | None = None) -> int:
     files = {
         "hot": "".join(f"h{i}.bench. A\n" for i in range(100)),
         "fill": "".join(f"fill{i}.bench. A\n" for i in range(FILL)),
@@ -126,6 +128,9 @@ def run(workdir: Path, procs: Processes) -> int:
         control(server.pid, "-d")
         instructions = counted(workdir, server.pid, dump)
         print(f"{scenario}: {instructions / max(answered, 1):,.0f} instructions per query ({answered} answered)")
+        if keep is not None:
+            keep.mkdir(parents=True, exist_ok=True)
+            shutil.copy(workdir / f"callgrind.{server.pid}.{dump}", keep / f"callgrind.{scenario}")
     return 0
 
 
