@@ -339,7 +339,10 @@ class Cache(Plugin):
                 return reply, None
             data = without_opt_options(data, analysis.opt_options)
             analysis = analyze(data, end)
-        self.store.purge(name, client, analysis.rcode)
+        # A name the cache holds nothing for (most misses) has nothing to purge or align.
+        known = self.store.group(name, client) is not None
+        if known:
+            self.store.purge(name, client, analysis.rcode)
         qtype = req.question.qtype
         kind, duration = self._classify(analysis, qtype)
         if kind is None or duration <= 0 or (self.some_disabled and self._disabled(name, kind)):
@@ -361,7 +364,7 @@ class Cache(Plugin):
         for victim in self.store.add(entry, client):
             labels = self._labels.get(req.server) or self._new_labels(req.server)
             self.evictions.inc(labels[1 + victim.kind])
-        if align:
+        if align and known:
             self.store.align(entry, now)
         if reply.client_specific:
             self.store.hold(name, now + entry.lifetime + self.stale)

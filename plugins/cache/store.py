@@ -215,9 +215,11 @@ class Store:
         qkey = entry.qkey
         name = qkey[:-4]
         key = (entry.variant, qkey)
-        old = self._existing(name, client, key)
-        if old is not None:
-            self.remove(old)
+        group = self.groups.get(name) if client is None else self.group(name, client)
+        if group is not None:
+            old = group.entries.get(key)
+            if old is not None:
+                self.remove(old)
         evicted: list[Entry] = []
         kind = self.kinds[entry.kind]
         capacity = self.capacity[entry.kind]
@@ -262,10 +264,6 @@ class Store:
             kind[entry.slot] = last
             last.slot = entry.slot
         entry.slot = -1
-
-    def _existing(self, name: bytes, client: str | None, key: tuple[int, bytes]) -> Entry | None:
-        group = self.group(name, client)
-        return group.entries.get(key) if group is not None else None
 
     def _group_for(self, name: bytes, client: str | None) -> Group:
         if client is None:
