@@ -116,7 +116,11 @@ class Cache(Plugin):
         data = req.wire
         qkey = data[12:end].lower()
         variant = (data[3] & _CD) >> 4 | do << 1 | edns << 2
-        entry = self._lookup(req, qkey, variant)
+        dependent = self.dependent
+        if dependent and qkey[:-4] in dependent:
+            entry = self._private(req, qkey, variant)
+        else:
+            entry = self.tables[variant].get(qkey)
         if entry is not None and entry.qtype == qtype:
             now = self.clock.now
             if now < entry.expires:
@@ -221,11 +225,6 @@ class Cache(Plugin):
             return query[:2] + body
 
         return replay
-
-    def _lookup(self, req: Request, qkey: bytes, variant: int) -> Entry | None:
-        if self.dependent and qkey[:-4] in self.dependent:
-            return self._private(req, qkey, variant)
-        return self.tables[variant].get(qkey)
 
     def _private(self, req: Request, qkey: bytes, variant: int) -> Entry | None:
         """The entry a client sees for a name whose answers depend on the client."""
@@ -353,7 +352,7 @@ class Cache(Plugin):
             qtype,
             analysis.rcode,
             kind,
-            self._heads_of(data, bool(variant & 2)),
+            self._heads.get((data[2:12], bool(variant & 2))) or self._heads_of(data, bool(variant & 2)),
             data[end:],
             tuple([offset - end for offset in analysis.ttl_offsets]),
             now + duration,
@@ -368,7 +367,10 @@ class Cache(Plugin):
             self.store.align(entry, now)
         if reply.client_specific:
             self.store.hold(name, now + entry.lifetime + self.stale)
-        self._retime(entry, now)
+        if entry.written == entry.expires - now and not self.config.keepttl:
+            entry.stamp = now  # what _retime would find: every record says so already
+        else:
+            self._retime(entry, now)
         self._servers[req.server] = None
         head = entry.heads[(query[2] & 1) | (query[3] & _AD) >> 4]
         packed = b"".join((query[:2], head, query[12:end], entry.tail))
@@ -377,13 +379,12 @@ class Cache(Plugin):
     def _analyze(self, data: bytes, query: bytes, end: int, server: str) -> Analysis | None:
         """The reply's records, or None (counted as a drop) when its question is not the
         query's or it is malformed; error replies that are never cached are not drops."""
-        cacheable_rcode = len(data) >= 4 and data[3] & 0x0F in (wire.NOERROR, wire.NXDOMAIN, wire.SERVFAIL)
         try:
             if question_matches(data, query, end):
                 return analyze(data, end)
         except (WireError, IndexError):
             pass
-        if cacheable_rcode:
+        if len(data) >= 4 and data[3] & 0x0F in (wire.NOERROR, wire.NXDOMAIN, wire.SERVFAIL):
             labels = self._labels.get(server) or self._new_labels(server)
             self.drops.inc(labels[0])
         return None
