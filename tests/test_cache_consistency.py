@@ -169,6 +169,25 @@ async def test_a_client_specific_answer_drops_the_names_shared_entries() -> None
     assert chain.asked("db.example.org", "AAAA") == 3
 
 
+async def test_a_stale_client_specific_entry_is_refreshed_once_for_its_client() -> None:
+    """serve_stale: the refresh of a client's private entry brings an answer made for that
+    client again; it replaces the entry, rather than being dropped and asked for again
+    on every stale hit."""
+    chain = Chain("cache {\n serve_stale 1h\n }")
+    chain.upstream.answer_with = autopath_for("10.0.0.1")
+    await chain.ask("db.example.org", client="10.0.0.1")
+    chain.clock.advance(400)  # expired, within serve_stale
+    for _ in range(3):
+        stale = await chain.ask("db.example.org", client="10.0.0.1")
+        assert stale.answer[0][0].address == "10.99.0.1"
+        for _ in range(5):
+            await asyncio.sleep(0)  # the background refresh
+    assert chain.asked("db.example.org", "A") == 2
+    fresh = await chain.ask("db.example.org", client="10.0.0.1")
+    assert fresh.answer[0][0].address == "10.99.0.1" and ttls(fresh) == [300]
+    assert chain.cache.cached(query("db.example.org"), "10.0.0.2") is None
+
+
 async def test_a_dependent_name_is_shared_again_once_nothing_of_it_can_be_served() -> None:
     chain = Chain("cache 60")
     chain.upstream.answer_with = autopath_for("10.0.0.1")

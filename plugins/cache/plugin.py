@@ -471,10 +471,13 @@ class Cache(Plugin):
             replies = await asyncio.gather(*(self._ask(next, req) for req, _entry in work))
             fresh: list[Entry] = []
             for (req, old), reply in zip(work, replies, strict=True):
-                # A refresh is asked on behalf of whoever hit the shared entry; an answer
-                # that is specific to that client must not turn the shared name private
-                # (the client would then see the other rcode for its next type).
-                if reply is None or reply.client_specific or not self._refreshes(reply, req):
+                # A refresh is asked on behalf of whoever hit the entry. For a shared entry,
+                # an answer specific to that client must not turn the name private (the
+                # client would then see the other rcode for its next type). For a client's
+                # private entry it is what the entry was: it replaces it (dropped, the
+                # entry would stay stale and each stale hit would ask upstream again).
+                private = old.group is not None and old.group.client is not None
+                if reply is None or (reply.client_specific and not private) or not self._refreshes(reply, req):
                     continue
                 _reply, entry = self._learn(req, reply, old.qkey, old.variant, align=False)
                 if entry is not None:
