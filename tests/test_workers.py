@@ -680,3 +680,44 @@ async def test_a_stop_while_a_worker_hangs_in_a_reload_exits_0_and_starts_nothin
     process.signal(signal.SIGTERM)
     assert process.stop() == 0
     assert not [line for line in process.lines if "starting a new worker" in line or "Reloading complete" in line]
+
+
+def failing_fork(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, failing: int) -> None:
+    """A command whose supervisor's fork number ``failing`` (counted from 1) fails, as
+    when the machine is out of processes or memory."""
+    patched_command(
+        monkeypatch,
+        tmp_path,
+        "import errno, os\n"
+        "_fork, _forks = os.fork, [0]\n"
+        "def fork():\n"
+        "    _forks[0] += 1\n"
+        f"    if _forks[0] == {failing}:\n"
+        "        raise OSError(errno.EAGAIN, 'Resource temporarily unavailable')\n"
+        "    return _fork()\n"
+        "os.fork = fork\n",
+    )
+
+
+async def test_a_worker_that_cannot_be_forked_stops_the_server_with_status_1(
+    tmp_path: Path, servers: list[Process], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    failing_fork(monkeypatch, tmp_path, failing=2)  # worker 1, once worker 0 listens
+    process = start_slowly(tmp_path / "Corefile", servers)  # no banner: it never starts
+    process.wait_for_line(r"cannot start worker 1: .*Resource temporarily unavailable", timeout=30)
+    assert process.proc.wait(timeout=30) == 1  # no spin, no half-started server
+    assert "SIGTERM: Shutting down" in process.wait_for_line(r"Shutting down", timeout=5).string  # worker 0
+
+
+async def test_a_restart_that_cannot_be_forked_stops_the_server_with_status_1(
+    tmp_path: Path, servers: list[Process], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    failing_fork(monkeypatch, tmp_path, failing=3)  # the restart after a crash
+    process = start(tmp_path / "Corefile", WHOAMI, servers)
+    process.wait_for_line(r", 2 workers$", timeout=30)
+    await wait_for(lambda: len(workers_of(process)) == 2)
+    survivor, victim = workers_of(process)
+    os.kill(victim, signal.SIGKILL)  # a crash: the supervisor starts it again, or tries
+    process.wait_for_line(r"cannot start worker \d: .*Resource temporarily unavailable", timeout=30)
+    assert process.proc.wait(timeout=30) == 1
+    await wait_for(lambda: not psutil.pid_exists(survivor), timeout=10)
