@@ -26,6 +26,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from resolver import wire
 from resolver.reply import Reply
 from resolver.request import Request
+from tests.helpers import wait_for
 from tests.test_cache import Chain, ttls
 from tests.testplugins.scripted import build, query, request
 
@@ -180,12 +181,59 @@ async def test_a_stale_client_specific_entry_is_refreshed_once_for_its_client() 
     for _ in range(3):
         stale = await chain.ask("db.example.org", client="10.0.0.1")
         assert stale.answer[0][0].address == "10.99.0.1"
-        for _ in range(5):
-            await asyncio.sleep(0)  # the background refresh
+        await chain.cache.settle()  # the background refresh
     assert chain.asked("db.example.org", "A") == 2
     fresh = await chain.ask("db.example.org", client="10.0.0.1")
     assert fresh.answer[0][0].address == "10.99.0.1" and ttls(fresh) == [300]
     assert chain.cache.cached(query("db.example.org"), "10.0.0.2") is None
+
+
+async def test_a_client_specific_refresh_that_comes_after_the_window_leaves_the_name_shared() -> None:
+    """A stale private entry's refresh is still out when the name's window lapses and
+    another client's shared answer is stored: the late answer, made for an entry that is
+    gone, must not make the name private again (dropping the shared entry)."""
+    chain = Chain("cache {\n serve_stale 100s\n }")
+    held: list[tuple[asyncio.Future[Reply], Reply]] = []
+
+    def answer(req: Request) -> Reply | asyncio.Future[Reply]:
+        if req.remote_ip != "10.0.0.1":
+            return build(req)
+        reply = build(req, addresses=["10.99.0.1"], client_specific=True)
+        if chain.clock.now <= 1000:
+            return reply
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        held.append((future, reply))
+        return future
+
+    chain.upstream.answer_with = answer
+    await chain.ask("db.example.org", client="10.0.0.1")  # private; dependent until 1400
+    chain.clock.advance(399)
+    await chain.ask("db.example.org", client="10.0.0.1")  # stale: its refresh is held
+    await wait_for(lambda: len(held) == 1)
+    chain.clock.advance(2)  # the window lapsed
+    shared = await chain.ask("db.example.org", client="10.0.0.2")
+    assert shared.answer[0][0].address == "192.0.2.1"
+    future, reply = held[0]
+    future.set_result(reply)
+    await chain.cache.settle()
+    assert not chain.cache.store.dependent
+    assert chain.cache.cached(query("db.example.org"), "10.0.0.2") is not None
+
+
+async def test_a_prefetch_of_a_private_entry_keeps_the_answer_for_its_client() -> None:
+    chain = Chain("cache {\n prefetch 1 1m 50%\n }")
+    chain.upstream.answer_with = autopath_for("10.0.0.1")
+    await chain.ask("db.example.org", client="10.0.0.1")
+    await chain.ask("db.example.org", "AAAA", client="10.0.0.1")
+    chain.clock.advance(200)
+    await chain.ask("db.example.org", client="10.0.0.1")  # popular, past 50%: A and AAAA refreshed
+    await chain.cache.settle()
+    assert chain.asked("db.example.org", "A") == 2 and chain.asked("db.example.org", "AAAA") == 2
+    fresh = await chain.ask("db.example.org", client="10.0.0.1")
+    assert fresh.answer[0][0].address == "10.99.0.1" and ttls(fresh) == [300]
+    assert ttls(await chain.ask("db.example.org", "AAAA", client="10.0.0.1")) == [300]
+    assert chain.cache.cached(query("db.example.org"), "10.0.0.2") is None
+    assert chain.asked("db.example.org", "A") == 2
 
 
 async def test_a_dependent_name_is_shared_again_once_nothing_of_it_can_be_served() -> None:

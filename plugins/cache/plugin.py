@@ -474,9 +474,11 @@ class Cache(Plugin):
                 # A refresh is asked on behalf of whoever hit the entry. For a shared entry,
                 # an answer specific to that client must not turn the name private (the
                 # client would then see the other rcode for its next type). For a client's
-                # private entry it is what the entry was: it replaces it (dropped, the
-                # entry would stay stale and each stale hit would ask upstream again).
-                private = old.group is not None and old.group.client is not None
+                # private entry still stored it is what the entry was: it replaces it
+                # (dropped, the entry would stay stale and each stale hit would ask
+                # upstream again). Once the entry is gone (the name's window lapsed and
+                # the name may be shared again) it is dropped, as for a shared entry.
+                private = old.live and old.group is not None and old.group.client is not None
                 if reply is None or (reply.client_specific and not private) or not self._refreshes(reply, req):
                     continue
                 _reply, entry = self._learn(req, reply, old.qkey, old.variant, align=False)
