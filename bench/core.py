@@ -126,7 +126,7 @@ print(lost)
 def stalls(cpu: str, seconds: float = 2.0) -> float:
     """Milliseconds per second that a busy loop pinned to ``cpu`` did not run (counting
     gaps over 0.5 ms), on a machine where nothing else wants that CPU: the time the VM's
-    host took. Here it is ~5-10 ms/s in gaps of up to 10 ms (up to 40 ms now and then),
+    host took. Here it is 0 to 10 ms/s, in gaps of up to 10 ms (30-40 ms now and then),
     and every server's tail latency at fixed rates moves with it: reported beside them."""
     command = ["taskset", "-c", cpu, sys.executable, "-c", _STALL_PROBE.format(seconds=seconds)]
     output = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 30).stdout
