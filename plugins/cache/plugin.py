@@ -116,11 +116,7 @@ class Cache(Plugin):
         data = req.wire
         qkey = data[12:end].lower()
         variant = (data[3] & _CD) >> 4 | do << 1 | edns << 2
-        dependent = self.dependent
-        if dependent and qkey[:-4] in dependent:
-            entry = self._private(req, qkey, variant)
-        else:
-            entry = self.tables[variant].get(qkey)
+        entry = self._lookup(req, qkey, variant)
         if entry is not None and entry.qtype == qtype:
             now = self.clock.now
             if now < entry.expires:
@@ -161,11 +157,7 @@ class Cache(Plugin):
         # byte 0x41, 'A'); a length octet is never a letter.
         qkey = data[12:end].lower()
         variant = (data[3] & _CD) >> 4 | do << 1 | edns << 2
-        dependent = self.dependent
-        if dependent and qkey[:-4] in dependent:
-            entry = self._private(req, qkey, variant)
-        else:
-            entry = self.tables[variant].get(qkey)
+        entry = self._lookup(req, qkey, variant)
         if entry is None or entry.qtype != qtype:
             return None
         now = self.clock.now
@@ -225,6 +217,14 @@ class Cache(Plugin):
             return query[:2] + body
 
         return replay
+
+    def _lookup(self, req: Request, qkey: bytes, variant: int) -> Entry | None:
+        """The entry that would answer ``req`` (``qkey``, ``variant``): the shared table's,
+        or for a name whose answers depend on the client, the client's own."""
+        dependent = self.dependent
+        if dependent and qkey[:-4] in dependent:
+            return self._private(req, qkey, variant)
+        return self.tables[variant].get(qkey)
 
     def _private(self, req: Request, qkey: bytes, variant: int) -> Entry | None:
         """The entry a client sees for a name whose answers depend on the client."""
