@@ -3,7 +3,6 @@ answers our query, and errors worded as CoreDNS (Go) words them."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import socket
 from typing import Any
@@ -62,12 +61,6 @@ def _forget_random_bytes() -> None:
 
 
 os.register_at_fork(after_in_child=_forget_random_bytes)
-
-
-def time_out(future: asyncio.Future[Any]) -> None:
-    """A timer's callback: the wait for ``future`` is over."""
-    if not future.done():
-        future.set_exception(TimeoutError())
 
 
 def reason(exc: BaseException) -> str:
