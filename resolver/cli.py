@@ -277,6 +277,7 @@ async def serve(config: Config, args: argparse.Namespace, registry: Registry, li
         # supervisor: its reload plugin asks the supervisor, which sends every worker
         # the same text.
         config.runtime.request_reload = link.request_reload
+    _tune_collector()
     _freeze_heap()
     if pidfile:  # before the banner: whoever waits for the banner may read it next
         try:
@@ -359,6 +360,29 @@ async def _refreeze(server: Server) -> None:
         await asyncio.wait(set(server.retiring))
     gc.unfreeze()
     _freeze_heap()
+
+
+#: Net allocations of tracked objects between young-generation collections (CPython's
+#: default is 700). See ``_tune_collector``.
+YOUNG_COLLECTION_THRESHOLD = 10_000
+
+
+def _tune_collector() -> None:
+    """Collect the young generation after 10,000 net allocations instead of 700.
+
+    At saturation on misses, hundreds of queries are in flight, each holding its Task,
+    coroutines, futures and Request: several thousand young objects alive at any moment.
+    With the default threshold nearly every young collection found them alive, promoted
+    them and walked them again in the middle generation before they died there.
+    Measured at saturation (``bench.forward``, 115k misses, ``gc.callbacks`` timing each
+    collection): 150 young and 13 middle collections took 135 to 200 ms of the run's
+    ~4.8 s of CPU, about 1.5 us a miss; with 10,000, 7 young collections and no middle
+    one took 8 to 12 ms. The price is a longer pause each time: 0.9 to 3.7 ms (0.1 to
+    0.2 ms before), about every half second at 25k misses per second; cache hits
+    allocate nearly nothing that survives, so they rarely trigger one.
+    """
+    _young, middle, old = gc.get_threshold()
+    gc.set_threshold(YOUNG_COLLECTION_THRESHOLD, middle, old)
 
 
 def _freeze_heap() -> None:
