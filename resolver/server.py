@@ -383,11 +383,9 @@ class Listener:
         transport: str,
         send: SendTo,
         memo: Memo | None = None,
-        later: SendTo | None = None,
     ) -> asyncio.Task[Any] | None:
         """Answer one raw query; returns the Task when the chain had to wait. With a
-        ``memo``, a fast-path answer is remembered there for repeats of ``data``; with
-        ``later``, an answer that had to wait is sent with it instead of ``send``."""
+        ``memo``, a fast-path answer is remembered there for repeats of ``data``."""
         stats = self.server.stats
         if len(data) < wire.HEADER_SIZE:
             stats.dropped_short += 1
@@ -427,7 +425,7 @@ class Listener:
                 return None
             zone, block = found
             req = Request(data, question, client, transport, self.label, zone, qname)
-        return self.server.run(block, req, send, memo, later)
+        return self.server.run(block, req, send, memo)
 
     @staticmethod
     def _rejection(data: bytes, rcode: int) -> bytes:
@@ -471,14 +469,21 @@ class UDPProtocol(asyncio.DatagramProtocol):
         self.loop = asyncio.get_running_loop()
 
     def send_later(self, data: bytes, addr: Any) -> None:
-        """Send at the end of this pass of the event loop, with the other answers that
-        finished in it. Answers that had to wait (misses) finish a few per pass, each
-        after the work of its query; sent one by one, each would find the client's
-        receiving thread asleep again and wake it (an interprocessor interrupt, dear in a
-        VM), sent back to back only the first does. Answered at once (hits), a query's
-        answer is sent at once."""
+        """Send at the end of this pass of the event loop, with the other answers of the
+        pass (every UDP answer goes this way).
+
+        A pass reads up to 32 queries (libuv's batch); answered one by one, each answer
+        left in between the work of the next query, found the client's receiving thread
+        asleep again and woke it: an interprocessor interrupt, dear in a VM (the kernel's
+        wake-up was 14% of a saturated hit run's CPU samples under ``perf record``). Sent
+        back to back, fewer do. Measured with dnsperf on hits, alternating builds: 6 to 10%
+        more queries per second (means of 9 runs of 4 s each: 97.9k against 88.9k), the
+        wake-up 11% of the samples; each answer waits at most for the rest of its pass."""
         outbox = self.outbox
-        if not outbox and self.loop is not None:
+        if not outbox:
+            if self.loop is None:  # not connected yet: nothing to batch with
+                self.sendto(data, addr)
+                return
             self.loop.call_soon(self._flush)
         outbox.append((data, addr))
 
@@ -499,7 +504,7 @@ class UDPProtocol(asyncio.DatagramProtocol):
         if again is not None and self._again(again, data, addr):
             return
         try:
-            listener.handle(data, addr, UDP, self.sendto, listener.memo, self.send_later)
+            listener.handle(data, addr, UDP, self.send_later, listener.memo)
         except Exception:
             listener.server.stats.panics += 1
             log.exception("unexpected error handling a UDP query from %s", addr)
@@ -708,9 +713,7 @@ class Server:
 
     # -- running queries -------------------------------------------------------------
 
-    def run(
-        self, block: ServerBlock, req: Request, send: SendTo, memo: Memo | None = None, later: SendTo | None = None
-    ) -> asyncio.Task[Any] | None:
+    def run(self, block: ServerBlock, req: Request, send: SendTo, memo: Memo | None = None) -> asyncio.Task[Any] | None:
         """Run ``block``'s chain for ``req``; returns the Task if the answer is still to
         come. A fast-path answer is remembered in ``memo`` (UDP) when it can be."""
         handler = block.handler
@@ -735,8 +738,8 @@ class Server:
                     return None
                 req.declined_by = shortcut.answerer
                 if shortcut.links:
-                    return self._start(self._answer_observed(shortcut, req, later or send))
-        return self._start(self._answer(handler, req, later or send))
+                    return self._start(self._answer_observed(shortcut, req, send))
+        return self._start(self._answer(handler, req, send))
 
     def _start(self, answering: Coroutine[Any, Any, None]) -> asyncio.Task[Any] | None:
         """Run one query's Task; returns it if the answer is still to come."""
