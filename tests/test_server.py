@@ -12,13 +12,25 @@ import dns.opcode
 import dns.query
 import dns.rcode
 import dns.rdatatype
+import uvloop
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from resolver.config import load
 from resolver.server import Listener, Router, Server
 from tests.conftest import StartServer
-from tests.helpers import LOOPBACK, TEST_REGISTRY, frame, query_bytes, raw_udp, rcode_of, read_frame, wait_for
+from tests.helpers import (
+    LOOPBACK,
+    TEST_REGISTRY,
+    CollectReplies,
+    Running,
+    frame,
+    query_bytes,
+    raw_udp,
+    rcode_of,
+    read_frame,
+    wait_for,
+)
 
 WHOAMI = ". {\n bind 127.0.0.1\n whoami\n}\n"
 
@@ -355,6 +367,37 @@ async def test_graceful_shutdown_answers_queries_in_flight(start_server: StartSe
     assert (await tcp_query).answer[0][0].address == "192.0.2.53"
     # And nothing listens any more.
     assert await raw_udp(running.port, query_bytes("late.example."), timeout=0.3) is None
+
+
+def test_answers_of_the_last_pass_leave_before_the_socket_closes() -> None:
+    """UDP answers wait for the end of their event-loop pass (``send_later``): a cache
+    hit read in the very pass that closes the listener is still sent, not dropped. On
+    uvloop, as the server runs: its transport refuses to send once closed (asyncio's
+    unconnected datagram transport still would)."""
+
+    async def scenario() -> bytes:
+        config = load(". {\n bind 127.0.0.1\n cache\n erratic\n}\n", "Corefile", TEST_REGISTRY, default_port=0)
+        server = Server(config.runtime)
+        await server.apply(config)
+        running = Running(server, TEST_REGISTRY)
+        loop = asyncio.get_running_loop()
+        client, collected = await loop.create_datagram_endpoint(CollectReplies, local_addr=(LOOPBACK, 0))
+        try:
+            assert (await running.udp("hit.example.")).answer  # stored: the next one is a hit
+            (listener,) = server.listeners.values()
+            assert listener.udp_protocol is not None
+            # As if read in one pass: the hit is answered, and the listener closes before
+            # the pass ends (no await in between: the end-of-pass flush has not run).
+            query = query_bytes("hit.example.", qid=0x1234)
+            listener.udp_protocol.datagram_received(query, client.get_extra_info("sockname"))
+            listener.close()
+            return await asyncio.wait_for(collected.replies.get(), 3)
+        finally:
+            client.close()
+            await server.shutdown()
+
+    reply = uvloop.run(scenario())
+    assert reply[:2] == b"\x12\x34" and rcode_of(reply) == dns.rcode.NOERROR
 
 
 async def test_shutdown_gives_up_after_the_grace_period(start_server: StartServer) -> None:
