@@ -376,8 +376,8 @@ def _tune_collector() -> None:
     them and walked them again in the middle generation before they died there.
     Measured at saturation (``bench.forward``, 115k misses, ``gc.callbacks`` timing each
     collection): 150 young and 13 middle collections took 135 to 200 ms of the run's
-    ~4.8 s of CPU, about 1.5 us a miss; with 10,000, 7 young collections and no middle
-    one took 8 to 12 ms (``perf record``: the collector's share of CPU samples fell from
+    ~4.8 s of CPU, about 1.5 us a miss; with 10,000, 7 to 38 young and up to 3 middle
+    collections took 10 to 20 ms (``perf record``: the collector's share of CPU samples fell from
     3.1% to 0.1%; ``bench.instructions`` cannot show it, as valgrind's slow server holds
     few queries in flight). The price is a longer pause each time: 0.9 to 3.7 ms (0.1 to
     0.2 ms before), about every half second at 25k misses per second; cache hits

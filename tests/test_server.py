@@ -12,7 +12,7 @@ import dns.opcode
 import dns.query
 import dns.rcode
 import dns.rdatatype
-import uvloop
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -396,6 +396,7 @@ def test_answers_of_the_last_pass_leave_before_the_socket_closes() -> None:
             client.close()
             await server.shutdown()
 
+    uvloop = pytest.importorskip("uvloop")  # a dependency on Linux only
     reply = uvloop.run(scenario())
     assert reply[:2] == b"\x12\x34" and rcode_of(reply) == dns.rcode.NOERROR
 
