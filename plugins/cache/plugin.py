@@ -367,10 +367,7 @@ class Cache(Plugin):
             self.store.align(entry, now)
         if reply.client_specific:
             self.store.hold(name, now + entry.lifetime + self.stale)
-        if entry.written == entry.expires - now and not self.config.keepttl:
-            entry.stamp = now  # what _retime would find: every record says so already
-        else:
-            self._retime(entry, now)
+        self._retime(entry, now)  # nothing to rewrite when the upstream's TTLs are the entry's
         self._servers[req.server] = None
         head = entry.heads[(query[2] & 1) | (query[3] & _AD) >> 4]
         packed = b"".join((query[:2], head, query[12:end], entry.tail))

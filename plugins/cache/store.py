@@ -215,7 +215,7 @@ class Store:
         qkey = entry.qkey
         name = qkey[:-4]
         key = (entry.variant, qkey)
-        group = self.groups.get(name) if client is None else self.group(name, client)
+        group = self.group(name, client)
         if group is not None:
             old = group.entries.get(key)
             if old is not None:
