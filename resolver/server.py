@@ -380,12 +380,7 @@ class Listener:
         self.bound_port = port
 
     def handle(
-        self,
-        data: bytes,
-        client: Any,
-        transport: str,
-        send: SendTo,
-        memo: Memo | None = None,
+        self, data: bytes, client: Any, transport: str, send: SendTo, memo: Memo | None = None
     ) -> asyncio.Task[Any] | None:
         """Answer one raw query; returns the Task when the chain had to wait. With a
         ``memo``, a fast-path answer is remembered there for repeats of ``data``."""
