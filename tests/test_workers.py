@@ -611,15 +611,9 @@ async def test_a_reload_asked_while_worker_0_hangs_runs_once_it_is_back(
 ) -> None:
     """The second SIGUSR1 lands while worker 0 hangs in the first: it must not go to the
     worker being killed (and be lost), but run once worker 0 is back."""
-    hang = tmp_path / "hang"
-    hang_patch(
-        tmp_path,
-        monkeypatch,
-        f"    if self.config is not None and not later and once({str(hang)!r}):\n        await asyncio.sleep(3600)\n",
-    )
+    hang_once(monkeypatch, tmp_path, in_worker_0=True)
     corefile = tmp_path / "Corefile"
     process = await two_workers(corefile, servers)
-    hang.write_text("")
     corefile.write_text(erratic_at(process.port))
     process.proc.send_signal(signal.SIGUSR1)
     process.wait_for_line(r"SIGUSR1: Reloading")
@@ -713,9 +707,7 @@ async def test_a_restart_that_cannot_be_forked_stops_the_server_with_status_1(
     tmp_path: Path, servers: list[Process], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     failing_fork(monkeypatch, tmp_path, failing=3)  # the restart after a crash
-    process = start(tmp_path / "Corefile", WHOAMI, servers)
-    process.wait_for_line(r", 2 workers$", timeout=30)
-    await wait_for(lambda: len(workers_of(process)) == 2)
+    process = await two_workers(tmp_path / "Corefile", servers)
     survivor, victim = workers_of(process)
     os.kill(victim, signal.SIGKILL)  # a crash: the supervisor starts it again, or tries
     process.wait_for_line(r"cannot start worker \d: .*Resource temporarily unavailable", timeout=30)
